@@ -37,6 +37,10 @@ class StudentLogits(ABC):
     def full(self) -> Tensor:
         """(N, V) all student logits in float32: only for losses that need the whole vocabulary."""
 
+    @abstractmethod
+    def scaled(self, temperature: float) -> StudentLogits:
+        """The same student with logits divided by `temperature` (same memory strategy)."""
+
     def logprobs_at(self, ids: Tensor) -> Tensor:
         """(N, j) student log-probabilities at `ids`."""
         return self.gather(ids) - self.lse().unsqueeze(-1)
@@ -65,6 +69,9 @@ class DenseStudent(StudentLogits):
 
     def full(self) -> Tensor:
         return self._logits.float()
+
+    def scaled(self, temperature: float) -> StudentLogits:
+        return self if temperature == 1.0 else DenseStudent(self._logits.float() / temperature)
 
 
 class _ChunkedLSE(torch.autograd.Function):
@@ -156,6 +163,19 @@ class ChunkedStudent(StudentLogits):
         if self._b is not None:
             z = z + self._b
         return z.float()
+
+    def scaled(self, temperature: float) -> StudentLogits:
+        if temperature == 1.0:
+            return self
+        # Logits are affine in (h, b): (h W^T + b) / T = (h / T) W^T + b / T.
+        bias = None if self._b is None else self._b / temperature
+        return ChunkedStudent(
+            self._h / temperature,
+            self._w,
+            bias,
+            vocab_chunk=self._vocab_chunk,
+            row_chunk=self._row_chunk,
+        )
 
     def topk_ids(self, k: int) -> Tensor:
         """Top-k ids chunk by chunk over the vocabulary: a running merge, no [N, V] tensor."""
