@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Iterable
 from typing import Any, Protocol
+
+import numpy as np
 
 
 class TokenizerLike(Protocol):
@@ -32,7 +35,9 @@ def tokenizer_fingerprint(tokenizer: TokenizerLike) -> str:
         for name in ("bos_token", "eos_token", "pad_token", "unk_token")
     }
     added = sorted(str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or []))
-    return _digest({"vocab": sorted(tokenizer.get_vocab().items()), "special": special, "added": added})
+    return _digest(
+        {"vocab": sorted(tokenizer.get_vocab().items()), "special": special, "added": added}
+    )
 
 
 def vocab_extends(base: dict[str, int], extended: dict[str, int]) -> bool:
@@ -53,10 +58,11 @@ class StreamHasher:
         self.num_tokens = 0
 
     def update(self, source_row: int, token_ids: Iterable[int]) -> None:
-        ids = list(token_ids)
-        self._h.update(json.dumps([source_row, ids], separators=(",", ":")).encode())
+        ids = np.asarray(list(token_ids) if not isinstance(token_ids, np.ndarray) else token_ids)
+        self._h.update(struct.pack("<qq", source_row, ids.size))
+        self._h.update(ids.astype("<i8").tobytes())
         self.num_documents += 1
-        self.num_tokens += len(ids)
+        self.num_tokens += int(ids.size)
 
     def hexdigest(self) -> str:
         return "sha256:" + self._h.hexdigest()
