@@ -1,0 +1,118 @@
+"""Zarr v3 shards: one group per shard, one sharded array per stored column.
+
+Each array is chunked along the token axis and packed into a single Zarr shard object, so a
+cache shard is a handful of objects on an object store, read by byte ranges. Columns are
+compressed with Blosc(zstd) using the shuffle each column declares. The cache identity sits in
+the group attributes under "kdcache".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+from fsspec import AbstractFileSystem
+from zarr.codecs import BloscCodec
+
+from schemas import _columns
+from schemas.backend import IDENTITY_KEY, ShardReader, ShardWriter
+from schemas.record import ShardRecords, concat_records, empty_records
+from schemas.storage import checksum_tree, is_local
+
+SUFFIX = ".zarr"
+CHUNK_TOKENS = 1 << 16
+"""Inner chunk length along the token axis: the unit of random access inside a shard."""
+
+
+def _store(fs: AbstractFileSystem, path: str, read_only: bool) -> zarr.abc.store.Store:
+    if is_local(fs):
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    if not getattr(fs, "async_impl", False):
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        fs = AsyncFileSystemWrapper(fs)
+    return zarr.storage.FsspecStore(fs, path=path, read_only=read_only)
+
+
+def _array(group: zarr.Group, name: str, values: np.ndarray, shuffle: str) -> None:
+    chunk = (max(1, min(CHUNK_TOKENS, values.shape[0])), *values.shape[1:])
+    arr = group.create_array(
+        name,
+        shape=values.shape,
+        dtype=values.dtype,
+        chunks=chunk,
+        shards=(max(chunk[0], values.shape[0]), *values.shape[1:]),
+        compressors=BloscCodec(cname="zstd", clevel=5, shuffle=shuffle),
+        # Store every chunk even when it equals the fill value: -0.0 == 0.0 would otherwise
+        # come back as +0.0 and break the bit-for-bit round trip.
+        config={"write_empty_chunks": True},
+    )
+    if values.size:
+        arr[...] = values
+
+
+class ZarrShardWriter(ShardWriter):
+    """Buffers whole sequences in memory and writes the group once, at finalize."""
+
+    suffix = SUFFIX
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parts: list[ShardRecords] = []
+
+    def _write(self, records: ShardRecords) -> None:
+        self._parts.append(records)
+
+    def _close(self) -> None:
+        records = concat_records(self._parts) if self._parts else empty_records(self.layout)
+        self._parts = []
+        group = zarr.open_group(_store(self.fs, self.tmp_path, False), mode="w", zarr_format=3)
+        group.attrs[IDENTITY_KEY] = self.identity
+        columns = _columns.encode(records, self.layout, self.encoding)
+        for name, col in _columns.token_columns(self.layout, self.encoding).items():
+            _array(group, name, columns[name], col.shuffle)
+        for name in _columns.sequence_columns():
+            _array(group, name, getattr(records, name), "noshuffle")
+        _array(group, "seq_offsets", records.seq_offsets, "noshuffle")
+
+    def _checksum(self, path: str) -> tuple[str, int]:
+        return checksum_tree(self.fs, path)
+
+
+class ZarrShardReader(ShardReader):
+    def _group(self) -> zarr.Group:
+        try:
+            return zarr.open_group(_store(self.fs, self.path, True), mode="r", zarr_format=3)
+        except Exception as exc:  # zarr raises several unrelated types for a damaged group
+            raise self._corrupt(exc) from exc
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self._group().attrs.get(IDENTITY_KEY, {}))
+
+    def read(self) -> ShardRecords:
+        group = self._group()
+        try:
+            names = _columns.token_columns(self.layout, self.encoding)
+            columns = {name: group[name][...] for name in names}
+            sequences = {name: group[name][...] for name in _columns.sequence_columns()}
+            offsets = group["seq_offsets"][...]
+            return _columns.decode(columns, sequences, offsets, self.layout, self.encoding)
+        except Exception as exc:  # codec, key and shape errors all mean a damaged shard
+            raise self._corrupt(exc) from exc
+
+    def read_sequences(self, start: int, stop: int) -> ShardRecords:
+        """Reads only the chunks that hold sequences start..stop."""
+        group = self._group()
+        try:
+            offsets = group["seq_offsets"][start : stop + 1]
+            lo, hi = int(offsets[0]), int(offsets[-1])
+            names = _columns.token_columns(self.layout, self.encoding)
+            columns = {name: group[name][lo:hi] for name in names}
+            sequences = {name: group[name][start:stop] for name in _columns.sequence_columns()}
+            return _columns.decode(columns, sequences, offsets - lo, self.layout, self.encoding)
+        except Exception as exc:
+            raise self._corrupt(exc) from exc
+
+    def _checksum(self, path: str) -> tuple[str, int]:
+        return checksum_tree(self.fs, path)

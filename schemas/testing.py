@@ -1,0 +1,198 @@
+"""The conformance suite every shard backend passes, and strategies for random records.
+
+A backend's tests are one subclass:
+
+    class TestArrowBackend(ShardBackendTests):
+        format = "arrow"
+
+so a third backend gets every guarantee the first two have (the pattern of zarr-python's
+`StoreTests`). Needs pytest and hypothesis, which only tests import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas.cache import BACKENDS
+from schemas.encodings import TopkEncoding
+from schemas.errors import CacheCorruptError, CacheNotFoundError
+from schemas.record import Layout, ShardRecords
+from schemas.storage import resolve
+
+LOSSLESS = TopkEncoding(ids="uint32", values="float32")
+
+
+def random_records(
+    layout: Layout, lengths: list[int], seed: int, *, special_values: bool = True
+) -> ShardRecords:
+    """Records for sequences of `lengths` tokens that satisfy every invariant of the format.
+
+    With `special_values`, the edge cases a writer must keep bit for bit show up: -inf tails
+    (k = V), NaN labels at sequence ends, -0.0 and exact 0.0 top-1 log-probabilities.
+    """
+    rng = np.random.default_rng(seed)
+    n, k, v = sum(lengths), layout.k, layout.vocab_size
+    logits = rng.standard_normal((n, v)) * rng.uniform(0.5, 4.0)
+    if special_values and n:
+        logits[rng.random(n) < 0.2, 0] = 50.0  # near-one-hot rows: top-1 log-prob rounds to 0
+    lse = np.logaddexp.reduce(logits, axis=1)
+    logp = logits - lse[:, None]
+    order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+    top = np.minimum(np.take_along_axis(logp, order, axis=1), 0.0).astype(np.float32)
+    rest = logp.copy()
+    np.put_along_axis(rest, order, -np.inf, axis=1)
+    log_tail = np.logaddexp.reduce(rest, axis=1) if k < v else np.full(n, -np.inf)
+    labels = rng.integers(0, v, n)
+    label_lp = logp[np.arange(n), labels].astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    label_lp[offsets[1:][np.array(lengths) > 0] - 1] = np.nan
+    if special_values and n:
+        top[rng.random(n) < 0.1, 0] = -0.0
+    arrays: dict[str, Any] = dict(
+        input_ids=rng.integers(0, v, n).astype(np.int32),
+        topk_ids=order.astype(np.int32),
+        topk_logprobs=top,
+        lse=lse.astype(np.float32),
+        log_tail=log_tail.astype(np.float32),
+        label_logprob=label_lp,
+        source_row=rng.integers(0, 10**6, len(lengths)).astype(np.int64),
+        source_start=rng.integers(0, 4096, len(lengths)).astype(np.int64),
+        seq_offsets=offsets,
+    )
+    if layout.temperatures:
+        arrays["temp_lse"] = np.stack(
+            [np.logaddexp.reduce(logits / t, axis=1) for t in layout.temperatures], axis=1
+        ).astype(np.float32).reshape(n, len(layout.temperatures))
+    if layout.num_samples:
+        s = layout.num_samples
+        ids = np.sort(rng.integers(0, v, (n, s)), axis=1)
+        counts = np.ones((n, s), dtype=np.uint16)
+        counts[:, s // 2 :] = 0  # padding
+        arrays["sample_ids"] = ids.astype(np.int32)
+        arrays["sample_counts"] = counts
+        arrays["sample_logprobs"] = np.take_along_axis(logp, ids, axis=1).astype(np.float32)
+    return ShardRecords(**arrays)
+
+
+@st.composite
+def layouts_and_lengths(draw: st.DrawFn) -> tuple[Layout, list[int], int]:
+    """Random layouts (k up to the whole vocabulary, optional extras) and sequence lengths,
+    empty and one-token sequences included."""
+    vocab = draw(st.sampled_from([2, 7, 64, 300, 70_000]))
+    k = draw(st.integers(1, min(vocab, 16)))
+    if draw(st.booleans()) and vocab <= 64:
+        k = vocab
+    temperatures = tuple(draw(st.lists(st.sampled_from([0.5, 2.0, 4.0]), max_size=2, unique=True)))
+    samples = draw(st.sampled_from([0, 0, 3, 8]))
+    lengths = draw(st.lists(st.integers(0, 12) | st.just(1), min_size=0, max_size=5))
+    if vocab > 1000:  # keep dense reference logits small
+        lengths = lengths[:2]
+    return Layout(k=k, vocab_size=vocab, temperatures=temperatures, num_samples=samples), lengths, draw(st.integers(0, 2**31))
+
+
+class ShardBackendTests:
+    """Subclass with `format = "<name in schemas.cache.BACKENDS>"`."""
+
+    format: ClassVar[str]
+    encoding: ClassVar[TopkEncoding] = LOSSLESS
+    identity: ClassVar[dict[str, Any]] = {"format_version": "1.0", "cache_fingerprint": "sha256:test"}
+
+    def _write(self, url: str, layout: Layout, batches: list[ShardRecords], index: int = 0) -> Any:
+        fs, root = resolve(url)
+        writer = BACKENDS[self.format].writer(fs, root, index, layout, self.encoding, self.identity)
+        with writer as w:
+            for batch in batches:
+                w.write(batch)
+            return w.finalize()
+
+    def _reader(self, url: str, layout: Layout, info: Any, verify: bool = True) -> Any:
+        fs, root = resolve(url)
+        return BACKENDS[self.format].reader(fs, root, info, layout, self.encoding, verify=verify)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors])
+    @given(case=layouts_and_lengths(), split=st.integers(0, 5))
+    def test_round_trip_bit_for_bit(self, tmp_path_factory: pytest.TempPathFactory, case: Any, split: int) -> None:
+        layout, lengths, seed = case
+        records = random_records(layout, lengths, seed)
+        url = str(tmp_path_factory.mktemp(self.format))
+        batches = [records.sequences(0, min(split, len(lengths))), records.sequences(min(split, len(lengths)), len(lengths))]
+        info = self._write(url, layout, batches)
+        back = self._reader(url, layout, info).read()
+        assert back.equals(records)
+        assert (info.num_tokens, info.num_sequences) == (records.num_tokens, records.num_sequences)
+
+    def test_read_sequences_is_a_slice(self, tmp_path: Any) -> None:
+        layout = Layout(k=4, vocab_size=50, temperatures=(2.0,), num_samples=4)
+        records = random_records(layout, [3, 0, 1, 7, 5], seed=1)
+        info = self._write(str(tmp_path), layout, [records])
+        reader = self._reader(str(tmp_path), layout, info)
+        assert reader.read_sequences(1, 4).equals(records.sequences(1, 4))
+
+    def test_identity_travels_with_the_shard(self, tmp_path: Any) -> None:
+        layout = Layout(k=2, vocab_size=10)
+        info = self._write(str(tmp_path), layout, [random_records(layout, [2], 0)], index=7)
+        identity = self._reader(str(tmp_path), layout, info).identity()
+        assert identity["cache_fingerprint"] == "sha256:test" and identity["shard_index"] == 7
+        assert info.name.endswith(f"000007{BACKENDS[self.format].writer.suffix}")
+
+    def test_failed_write_leaves_nothing(self, tmp_path: Any) -> None:
+        layout = Layout(k=2, vocab_size=10)
+        fs, root = resolve(str(tmp_path))
+        writer = BACKENDS[self.format].writer(fs, root, 0, layout, self.encoding, self.identity)
+        with pytest.raises(RuntimeError), writer as w:
+            w.write(random_records(layout, [3], 0))
+            raise RuntimeError("crash mid-shard")
+        assert fs.ls(f"{root}/shards", detail=False) == []
+
+    def test_wrong_shapes_are_refused(self, tmp_path: Any) -> None:
+        layout = Layout(k=3, vocab_size=10)
+        other = random_records(Layout(k=2, vocab_size=10), [4], 0)
+        fs, root = resolve(str(tmp_path))
+        with BACKENDS[self.format].writer(fs, root, 0, layout, self.encoding, self.identity) as w:
+            with pytest.raises(ValueError, match="topk_ids"):
+                w.write(other)
+
+    def _damage_cases(self, tmp_path: Any) -> tuple[Layout, Any, Any]:
+        layout = Layout(k=4, vocab_size=100)
+        info = self._write(str(tmp_path), layout, [random_records(layout, [20, 30], 3)])
+        fs, _ = resolve(str(tmp_path))
+        return layout, info, fs
+
+    def _largest_file(self, fs: Any, path: str) -> str:
+        files = fs.find(path) or [path]
+        return max(files, key=lambda f: fs.size(f))
+
+    def test_flipped_byte_is_caught(self, tmp_path: Any) -> None:
+        layout, info, fs = self._damage_cases(tmp_path)
+        target = self._largest_file(fs, f"{tmp_path}/{info.name}")
+        data = bytearray(fs.cat_file(target))
+        data[len(data) // 2] ^= 0x40
+        fs.pipe_file(target, bytes(data))
+        with pytest.raises(CacheCorruptError, match=info.name):
+            self._reader(str(tmp_path), layout, info)
+
+    def test_truncation_is_caught(self, tmp_path: Any) -> None:
+        layout, info, fs = self._damage_cases(tmp_path)
+        target = self._largest_file(fs, f"{tmp_path}/{info.name}")
+        fs.pipe_file(target, fs.cat_file(target)[:-7])
+        with pytest.raises(CacheCorruptError, match=info.name):
+            self._reader(str(tmp_path), layout, info)
+
+    def test_missing_shard_is_caught(self, tmp_path: Any) -> None:
+        layout, info, fs = self._damage_cases(tmp_path)
+        fs.rm(f"{tmp_path}/{info.name}", recursive=True)
+        with pytest.raises(CacheNotFoundError, match=info.name):
+            self._reader(str(tmp_path), layout, info)
+
+    def test_garbage_without_verify_is_a_clear_error(self, tmp_path: Any) -> None:
+        layout, info, fs = self._damage_cases(tmp_path)
+        target = self._largest_file(fs, f"{tmp_path}/{info.name}")
+        fs.pipe_file(target, b"\x00garbage" * 5)
+        with pytest.raises(CacheCorruptError, match=info.name):
+            self._reader(str(tmp_path), layout, info, verify=False).read()
+
