@@ -69,6 +69,7 @@ class BuildSettings:
     temperatures: tuple[float, ...] = ()
     dtype: str = "float32"
     seed: int = 0
+    shard_tokens: int = 1 << 20
     config: dict[str, Any] = field(default_factory=dict)
     """The full resolved build configuration (`dataclasses.asdict(BuildConfig)`)."""
 
@@ -117,12 +118,21 @@ class Manifest:
     @property
     def fingerprint(self) -> str:
         """What the cache's content depends on: equal fingerprints, interchangeable caches."""
+        # Names and paths are left out where a hash already identifies the thing: the same
+        # teacher weights, vocabulary and token stream make the same cache wherever they live.
+        teacher = dataclasses.asdict(self.teacher)
+        if teacher["weights_sha256"]:
+            teacher.pop("name_or_path")
+        tokenizer = dataclasses.asdict(self.tokenizer)
+        tokenizer.pop("name_or_path")
+        dataset = dataclasses.asdict(self.dataset)
+        dataset.pop("source")
         return config_fingerprint(
             {
                 "format": self.format,
-                "teacher": dataclasses.asdict(self.teacher),
-                "tokenizer": dataclasses.asdict(self.tokenizer),
-                "dataset": {k: v for k, v in dataclasses.asdict(self.dataset).items()},
+                "teacher": teacher,
+                "tokenizer": tokenizer,
+                "dataset": dataset,
                 "build": {k: v for k, v in dataclasses.asdict(self.build).items() if k != "config"},
                 "layout": dataclasses.asdict(self.layout),
                 "encoding": self.encoding,

@@ -1,0 +1,283 @@
+"""`build(cfg)`: run a teacher over a dataset into a cache.
+
+    dataset -> tokens -> segments -> plan (shards, fingerprint)
+    per shard of this rank: packed batches -> teacher forward -> top-k & friends on the device
+                            -> pinned host copy -> records -> shard writer (worker thread)
+                            -> finalize -> commit
+    rank 0: manifest marked complete once every shard is committed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cache_builder.config import BuildConfig
+from cache_builder.data import PackedBatch, Segment, load_rows, pack, segments, tokenize_rows
+from cache_builder.distributed import Ranks
+from cache_builder.pipeline import WriterThread, records_from, to_host
+from cache_builder.plan import BuildPlan, ShardPlan, make_plan, segments_of
+from cache_builder.teacher import Teacher, load_teacher
+from cache_builder.tokenizer import load_tokenizer, tokenizer_info
+from cache_builder.topk import teacher_signals
+from schemas.cache import TOKENIZER_DIR, CacheWriter
+from schemas.encodings import TopkEncoding, default_encoding
+from schemas.errors import KdcacheError
+from schemas.fingerprint import StreamHasher
+from schemas.manifest import BuildSettings, DatasetInfo, Manifest, TeacherInfo, TokenizerInfo
+from schemas.record import Layout
+from schemas.storage import join
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    url: str
+    tokens: int
+    shards: int
+    nbytes: int
+    seconds: float
+    written_tokens: int
+    """Tokens this run (this rank) sent through the teacher; 0 when the cache was complete."""
+    already_complete: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.written_tokens / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        if self.already_complete:
+            return f"{self.url} is already complete: {self.shards} shards, {self.tokens} tokens. Nothing to do."
+        bpt = self.nbytes / self.tokens if self.tokens else 0.0
+        return (
+            f"built {self.url}: {self.tokens} tokens in {self.shards} shards, {bpt:.1f} bytes/token; "
+            f"{self.written_tokens} tokens through the teacher in {self.seconds:.1f} s "
+            f"({self.tokens_per_s:,.0f} tokens/s)"
+        )
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    """Build (or resume, or confirm) the cache `cfg.out` describes."""
+    start = time.perf_counter()
+    ranks = Ranks.from_env()
+    say = _say if ranks.is_main else _quiet
+    try:
+        teacher_name, dataset, dataset_label = _resolve_defaults(cfg, say)
+        tokenizer, note = load_tokenizer(teacher_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        if note:
+            say(note)
+        teacher = load_teacher(
+            teacher_name,
+            revision=cfg.revision,
+            dtype=cfg.dtype,
+            device=_device(cfg.device, ranks),
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        encoding = _encoding(cfg, teacher.vocab_size)
+
+        def stream() -> Iterator[Segment]:
+            rows = load_rows(dataset, split=cfg.split, text_field=cfg.text_field, chat_template=cfg.chat_template)
+            docs = tokenize_rows(rows, tokenizer, text_field=cfg.text_field, chat_template=cfg.chat_template)
+            return segments(docs, cfg.max_length, source=dataset_label)
+
+        plan, data_info = _plan(stream(), cfg, dataset_label)
+        draft = _draft_manifest(cfg, teacher, tokenizer, data_info, encoding)
+
+        # Rank 0 creates (or checks, or replaces) the cache before anyone writes into it.
+        writer = CacheWriter(cfg.out, draft, overwrite=cfg.overwrite, owner=True, **cfg.storage_options) if ranks.is_main else None
+        ranks.barrier()
+        if writer is None:
+            writer = CacheWriter(cfg.out, draft, owner=False, **cfg.storage_options)
+        if writer.complete:
+            m = writer.existing
+            assert m is not None
+            return BuildResult(cfg.out, m.num_tokens, len(m.shards), m.nbytes, time.perf_counter() - start, 0, True)
+        if ranks.is_main:
+            _store_tokenizer(writer, tokenizer)
+
+        committed = writer.committed()
+        mine = plan.for_rank(ranks.rank, ranks.world_size)
+        todo = [s for s in mine if s.index not in committed]
+        writer.remove_temporaries({s.index for s in mine})
+        if len(todo) < len(mine):
+            say(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards are already committed")
+        written = _run(cfg, teacher, writer, todo, stream(), ranks)
+        ranks.barrier()
+        if not ranks.is_main:
+            return BuildResult(cfg.out, plan.num_tokens, len(plan.shards), 0, time.perf_counter() - start, written)
+        manifest = writer.finalize(len(plan.shards))
+        return BuildResult(cfg.out, manifest.num_tokens, len(manifest.shards), manifest.nbytes, time.perf_counter() - start, written)
+    except OSError as exc:
+        raise KdcacheError(
+            f"cannot write the cache at {cfg.out}: {exc.strerror or exc}",
+            hint="check free space and permissions; re-running the same command resumes from the last committed shard",
+        ) from exc
+    finally:
+        ranks.close()
+
+
+def _run(cfg: BuildConfig, teacher: Teacher, writer: CacheWriter, todo: list[ShardPlan], stream: Iterator[Segment], ranks: Ranks) -> int:
+    """Send this rank's unfinished shards through the teacher; returns the tokens processed."""
+    weight, bias = teacher.lm_head()
+    bar = tqdm(
+        total=sum(s.num_tokens for s in todo),
+        unit="tok",
+        unit_scale=True,
+        desc=f"build rank {ranks.rank}" if ranks.world_size > 1 else "build",
+        disable=not cfg.progress or not ranks.is_main,
+        dynamic_ncols=True,
+    )
+    worker = WriterThread(depth=3)
+    done = 0
+    try:
+        with torch.inference_mode():
+            for shard, segs in segments_of(stream, todo):
+                out = writer.shard_writer(shard.index)
+                generator = torch.Generator(device=teacher.device).manual_seed(cfg.seed * 1_000_003 + shard.index)
+                for b, batch in enumerate(pack(segs, cfg.max_length, pad_id=teacher.pad_id, batch_tokens=cfg.batch_tokens)):
+                    signals = _forward(cfg, teacher, weight, bias, batch, generator)
+                    host = to_host(signals)
+                    where = f"shard {shard.index} batch {b}"
+                    worker.submit(lambda host=host, batch=batch, where=where: out.write(records_from(host.numpy(), batch, where)))
+                    bar.update(batch.num_tokens)
+                    done += batch.num_tokens
+                worker.submit(lambda out=out: writer.commit(out.finalize()))
+            worker.drain()
+    finally:
+        worker.close()
+        bar.close()
+    return done
+
+
+def _forward(cfg: BuildConfig, teacher: Teacher, weight: torch.Tensor, bias: torch.Tensor | None, batch: PackedBatch, generator: torch.Generator):
+    """Teacher signals at every non-padding position of `batch`, on the device."""
+    dev = teacher.device
+    input_ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)  # (B, L)
+    position_ids = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)  # (B, L)
+    hidden = teacher.hidden_states(input_ids, position_ids, batch.seq_lens)  # (B, L, d)
+    # Flat indices of real tokens, computed on the host: boolean masking on the device would sync.
+    lengths = np.array([sum(row) for row in batch.seq_lens])
+    flat = np.flatnonzero(np.arange(batch.input_ids.shape[1])[None, :] < lengths[:, None])
+    index = torch.from_numpy(flat).to(dev, non_blocking=True)  # (N,)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, d)
+    labels = torch.from_numpy(batch.labels.reshape(-1)[flat]).to(dev, non_blocking=True)  # (N,)
+    return teacher_signals(
+        h,
+        weight,
+        bias,
+        labels,
+        k=cfg.top_k,
+        temperatures=cfg.temperatures,
+        num_samples=cfg.samples,
+        sample_temperature=cfg.sample_temperature,
+        generator=generator,
+        vocab_chunk=cfg.vocab_chunk,
+    )
+
+
+def _plan(stream: Iterator[Segment], cfg: BuildConfig, label: str) -> tuple[BuildPlan, dict]:
+    """One pass over the token stream: its fingerprint and the shard boundaries."""
+    hasher = StreamHasher()
+    lengths = []
+    for seg in stream:
+        hasher.update(seg.source_row * 2**32 + seg.source_start, seg.input_ids)
+        lengths.append(len(seg))
+    plan = make_plan(lengths, cfg.shard_tokens)
+    info = dict(
+        source=label,
+        split=cfg.split,
+        text_field=cfg.text_field,
+        fingerprint=hasher.hexdigest(),
+        num_documents=hasher.num_documents,
+        num_tokens=hasher.num_tokens,
+    )
+    return plan, info
+
+
+def _draft_manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, data: dict, encoding: TopkEncoding) -> Manifest:
+    tok = tokenizer_info(tokenizer)
+    return Manifest(
+        format=cfg.format,
+        teacher=TeacherInfo(**dataclasses.asdict(teacher.info)),
+        tokenizer=TokenizerInfo(**tok),
+        dataset=DatasetInfo(**data),
+        build=BuildSettings(
+            top_k=cfg.top_k,
+            max_length=cfg.max_length,
+            packing="block-diagonal",
+            num_samples=cfg.samples,
+            sample_temperature=cfg.sample_temperature,
+            temperatures=tuple(cfg.temperatures),
+            dtype=str(teacher.dtype).removeprefix("torch."),
+            seed=cfg.seed,
+            shard_tokens=cfg.shard_tokens,
+            config=cfg.identity(),
+        ),
+        layout=Layout(k=cfg.top_k, vocab_size=teacher.vocab_size, temperatures=tuple(cfg.temperatures), num_samples=cfg.samples),
+        encoding=encoding.to_json(),
+    )
+
+
+def _encoding(cfg: BuildConfig, vocab_size: int) -> TopkEncoding:
+    from schemas.errors import ConfigError
+
+    if cfg.top_k > vocab_size:
+        raise ConfigError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({vocab_size})")
+    base = default_encoding(vocab_size)
+    try:
+        enc = TopkEncoding.from_json({**base.to_json(), **({"ids": cfg.id_encoding} if cfg.id_encoding else {}), **({"values": cfg.value_encoding} if cfg.value_encoding else {})})
+        enc.columns(cfg.top_k, vocab_size)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}", hint="see `kdcache build --help` for --id-encoding and --value-encoding") from None
+    return enc
+
+
+def _store_tokenizer(writer: CacheWriter, tokenizer) -> None:
+    """Copy the tokenizer into the cache, so a student can be set up from the cache alone."""
+    target = join(writer.root, TOKENIZER_DIR)
+    if writer.fs.exists(target):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            writer.fs.put_file(str(path), join(target, path.name))
+
+
+def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str]:
+    """(teacher, dataset path, dataset label), falling back to the embedded default."""
+    teacher, dataset, label = cfg.teacher, cfg.dataset, cfg.dataset
+    if teacher is None or dataset is None:
+        from cache_builder import default
+
+        if teacher is None:
+            teacher = str(default.DEFAULT_TEACHER_DIR)
+            say(f"no --teacher given: using the embedded default teacher ({teacher})")
+        if dataset is None:
+            folder = Path(tempfile.gettempdir()) / "kdcache-default-data"
+            dataset = str(default.write_default_dataset(folder, cfg.split))
+            label = f"embedded:python-docs:{cfg.split}"
+            say(f"no --dataset given: using the embedded default corpus, split {cfg.split} (Python's own documentation)")
+    return teacher, dataset, label or dataset
+
+
+def _device(name: str, ranks: Ranks) -> str:
+    if name != "auto":
+        return name
+    return f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def _say(message: str) -> None:
+    print(f"kdcache: {message}", file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
