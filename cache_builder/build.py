@@ -1,10 +1,10 @@
 """`build(cfg)`: run a teacher over a dataset into a cache.
 
-    dataset -> tokens -> segments -> plan (shards, fingerprint)
-    per shard of this rank: packed batches -> teacher forward -> top-k & friends on the device
-                            -> pinned host copy -> records -> shard writer (worker thread)
-                            -> finalize -> commit
-    rank 0: manifest marked complete once every shard is committed
+dataset -> tokens -> segments -> plan (shards, fingerprint)
+per shard of this rank: packed batches -> teacher forward -> top-k & friends on the device
+                        -> pinned host copy -> records -> shard writer (worker thread)
+                        -> finalize -> commit
+rank 0: manifest marked complete once every shard is committed
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from cache_builder.pipeline import WriterThread, records_from, to_host
 from cache_builder.plan import BuildPlan, ShardPlan, make_plan, segments_of
 from cache_builder.teacher import Teacher, load_teacher
 from cache_builder.tokenizer import load_tokenizer, tokenizer_info
-from cache_builder.topk import teacher_signals
+from cache_builder.topk import TeacherSignals
 from schemas.cache import TOKENIZER_DIR, CacheWriter
 from schemas.encodings import TopkEncoding, default_encoding
 from schemas.errors import KdcacheError
 from schemas.fingerprint import StreamHasher
 from schemas.manifest import BuildSettings, DatasetInfo, Manifest, TeacherInfo, TokenizerInfo
 from schemas.record import Layout
-from schemas.storage import join
+from schemas.storage import join, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,23 @@ def build(cfg: BuildConfig) -> BuildResult:
     say = _say if ranks.is_main else _quiet
     try:
         teacher_name, dataset, dataset_label = _resolve_defaults(cfg, say)
-        tokenizer, note = load_tokenizer(teacher_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        if note:
+        tokenizer, notes = load_tokenizer(
+            teacher_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+        for note in notes:
             say(note)
+
+        def stream() -> Iterator[Segment]:
+            rows = load_rows(
+                dataset, split=cfg.split, text_field=cfg.text_field, chat_template=cfg.chat_template
+            )
+            docs = tokenize_rows(
+                rows, tokenizer, text_field=cfg.text_field, chat_template=cfg.chat_template
+            )
+            return segments(docs, cfg.max_length, source=dataset_label)
+
+        plan, data_info = _plan(stream(), cfg, dataset_label)
+        # The teacher loads after the data pass, so a bad dataset fails in seconds.
         teacher = load_teacher(
             teacher_name,
             revision=cfg.revision,
@@ -83,24 +97,23 @@ def build(cfg: BuildConfig) -> BuildResult:
             trust_remote_code=cfg.trust_remote_code,
         )
         encoding = _encoding(cfg, teacher.vocab_size)
-
-        def stream() -> Iterator[Segment]:
-            rows = load_rows(dataset, split=cfg.split, text_field=cfg.text_field, chat_template=cfg.chat_template)
-            docs = tokenize_rows(rows, tokenizer, text_field=cfg.text_field, chat_template=cfg.chat_template)
-            return segments(docs, cfg.max_length, source=dataset_label)
-
-        plan, data_info = _plan(stream(), cfg, dataset_label)
         draft = _draft_manifest(cfg, teacher, tokenizer, data_info, encoding)
 
         # Rank 0 creates (or checks, or replaces) the cache before anyone writes into it.
-        writer = CacheWriter(cfg.out, draft, overwrite=cfg.overwrite, owner=True, **cfg.storage_options) if ranks.is_main else None
+        writer = (
+            CacheWriter(cfg.out, draft, overwrite=cfg.overwrite, owner=True, **cfg.storage_options)
+            if ranks.is_main
+            else None
+        )
         ranks.barrier()
         if writer is None:
             writer = CacheWriter(cfg.out, draft, owner=False, **cfg.storage_options)
         if writer.complete:
             m = writer.existing
             assert m is not None
-            return BuildResult(cfg.out, m.num_tokens, len(m.shards), m.nbytes, time.perf_counter() - start, 0, True)
+            return BuildResult(
+                cfg.out, m.num_tokens, len(m.shards), m.nbytes, time.perf_counter() - start, 0, True
+            )
         if ranks.is_main:
             _store_tokenizer(writer, tokenizer)
 
@@ -110,12 +123,21 @@ def build(cfg: BuildConfig) -> BuildResult:
         writer.remove_temporaries({s.index for s in mine})
         if len(todo) < len(mine):
             say(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards are already committed")
-        written = _run(cfg, teacher, writer, todo, stream(), ranks)
+        written = _run(cfg, teacher, writer, todo, stream(), ranks, pad_id=tokenizer.pad_token_id)
         ranks.barrier()
         if not ranks.is_main:
-            return BuildResult(cfg.out, plan.num_tokens, len(plan.shards), 0, time.perf_counter() - start, written)
+            return BuildResult(
+                cfg.out, plan.num_tokens, len(plan.shards), 0, time.perf_counter() - start, written
+            )
         manifest = writer.finalize(len(plan.shards))
-        return BuildResult(cfg.out, manifest.num_tokens, len(manifest.shards), manifest.nbytes, time.perf_counter() - start, written)
+        return BuildResult(
+            cfg.out,
+            manifest.num_tokens,
+            len(manifest.shards),
+            manifest.nbytes,
+            time.perf_counter() - start,
+            written,
+        )
     except OSError as exc:
         raise KdcacheError(
             f"cannot write the cache at {cfg.out}: {exc.strerror or exc}",
@@ -125,9 +147,17 @@ def build(cfg: BuildConfig) -> BuildResult:
         ranks.close()
 
 
-def _run(cfg: BuildConfig, teacher: Teacher, writer: CacheWriter, todo: list[ShardPlan], stream: Iterator[Segment], ranks: Ranks) -> int:
+def _run(
+    cfg: BuildConfig,
+    teacher: Teacher,
+    writer: CacheWriter,
+    todo: list[ShardPlan],
+    stream: Iterator[Segment],
+    ranks: Ranks,
+    *,
+    pad_id: int,
+) -> int:
     """Send this rank's unfinished shards through the teacher; returns the tokens processed."""
-    weight, bias = teacher.lm_head()
     bar = tqdm(
         total=sum(s.num_tokens for s in todo),
         unit="tok",
@@ -142,12 +172,22 @@ def _run(cfg: BuildConfig, teacher: Teacher, writer: CacheWriter, todo: list[Sha
         with torch.inference_mode():
             for shard, segs in segments_of(stream, todo):
                 out = writer.shard_writer(shard.index)
-                generator = torch.Generator(device=teacher.device).manual_seed(cfg.seed * 1_000_003 + shard.index)
-                for b, batch in enumerate(pack(segs, cfg.max_length, pad_id=teacher.pad_id, batch_tokens=cfg.batch_tokens)):
-                    signals = _forward(cfg, teacher, weight, bias, batch, generator)
+                generator = torch.Generator(device=teacher.device).manual_seed(
+                    cfg.seed * 1_000_003 + shard.index
+                )
+                for b, batch in enumerate(
+                    pack(segs, cfg.max_length, pad_id=pad_id, batch_tokens=cfg.batch_tokens)
+                ):
+                    signals = _forward(cfg, teacher, batch, generator)
                     host = to_host(signals)
                     where = f"shard {shard.index} batch {b}"
-                    worker.submit(lambda host=host, batch=batch, where=where: out.write(records_from(host.numpy(), batch, where)))
+                    # Bind everything by value: the main thread moves on to the next shard
+                    # while this job still waits on the writer thread.
+                    worker.submit(
+                        lambda out=out, host=host, batch=batch, where=where: out.write(
+                            records_from(host.numpy(), batch, where)
+                        )
+                    )
                     bar.update(batch.num_tokens)
                     done += batch.num_tokens
                 worker.submit(lambda out=out: writer.commit(out.finalize()))
@@ -158,22 +198,22 @@ def _run(cfg: BuildConfig, teacher: Teacher, writer: CacheWriter, todo: list[Sha
     return done
 
 
-def _forward(cfg: BuildConfig, teacher: Teacher, weight: torch.Tensor, bias: torch.Tensor | None, batch: PackedBatch, generator: torch.Generator):
+def _forward(
+    cfg: BuildConfig, teacher: Teacher, batch: PackedBatch, generator: torch.Generator
+) -> TeacherSignals:
     """Teacher signals at every non-padding position of `batch`, on the device."""
     dev = teacher.device
     input_ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)  # (B, L)
-    position_ids = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)  # (B, L)
-    hidden = teacher.hidden_states(input_ids, position_ids, batch.seq_lens)  # (B, L, d)
+    # Position ids restarting per document come from seq_lens inside the teacher.
+    hidden = teacher.hidden_states(input_ids, None, batch.seq_lens)  # (B, L, d)
     # Flat indices of real tokens, computed on the host: boolean masking on the device would sync.
     lengths = np.array([sum(row) for row in batch.seq_lens])
     flat = np.flatnonzero(np.arange(batch.input_ids.shape[1])[None, :] < lengths[:, None])
     index = torch.from_numpy(flat).to(dev, non_blocking=True)  # (N,)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, d)
     labels = torch.from_numpy(batch.labels.reshape(-1)[flat]).to(dev, non_blocking=True)  # (N,)
-    return teacher_signals(
+    return teacher.signals(
         h,
-        weight,
-        bias,
         labels,
         k=cfg.top_k,
         temperatures=cfg.temperatures,
@@ -203,7 +243,9 @@ def _plan(stream: Iterator[Segment], cfg: BuildConfig, label: str) -> tuple[Buil
     return plan, info
 
 
-def _draft_manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, data: dict, encoding: TopkEncoding) -> Manifest:
+def _draft_manifest(
+    cfg: BuildConfig, teacher: Teacher, tokenizer, data: dict, encoding: TopkEncoding
+) -> Manifest:
     tok = tokenizer_info(tokenizer)
     return Manifest(
         format=cfg.format,
@@ -222,7 +264,12 @@ def _draft_manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, data: dict, e
             shard_tokens=cfg.shard_tokens,
             config=cfg.identity(),
         ),
-        layout=Layout(k=cfg.top_k, vocab_size=teacher.vocab_size, temperatures=tuple(cfg.temperatures), num_samples=cfg.samples),
+        layout=Layout(
+            k=cfg.top_k,
+            vocab_size=teacher.vocab_size,
+            temperatures=tuple(cfg.temperatures),
+            num_samples=cfg.samples,
+        ),
         encoding=encoding.to_json(),
     )
 
@@ -231,25 +278,36 @@ def _encoding(cfg: BuildConfig, vocab_size: int) -> TopkEncoding:
     from schemas.errors import ConfigError
 
     if cfg.top_k > vocab_size:
-        raise ConfigError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({vocab_size})")
+        raise ConfigError(
+            f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({vocab_size})"
+        )
     base = default_encoding(vocab_size)
     try:
-        enc = TopkEncoding.from_json({**base.to_json(), **({"ids": cfg.id_encoding} if cfg.id_encoding else {}), **({"values": cfg.value_encoding} if cfg.value_encoding else {})})
+        enc = TopkEncoding.from_json(
+            {
+                **base.to_json(),
+                **({"ids": cfg.id_encoding} if cfg.id_encoding else {}),
+                **({"values": cfg.value_encoding} if cfg.value_encoding else {}),
+            }
+        )
         enc.columns(cfg.top_k, vocab_size)
     except ValueError as exc:
-        raise ConfigError(f"{exc}", hint="see `kdcache build --help` for --id-encoding and --value-encoding") from None
+        raise ConfigError(
+            f"{exc}", hint="see `kdcache build --help` for --id-encoding and --value-encoding"
+        ) from None
     return enc
 
 
 def _store_tokenizer(writer: CacheWriter, tokenizer) -> None:
     """Copy the tokenizer into the cache, so a student can be set up from the cache alone."""
-    target = join(writer.root, TOKENIZER_DIR)
-    if writer.fs.exists(target):
-        return
+    # Rewritten on every run (it is small), each file atomically: a crash mid-copy is repaired
+    # by the rerun.
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         for path in sorted(Path(tmp).iterdir()):
-            writer.fs.put_file(str(path), join(target, path.name))
+            write_bytes_atomic(
+                writer.fs, join(writer.root, TOKENIZER_DIR, path.name), path.read_bytes()
+            )
 
 
 def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str]:
@@ -265,7 +323,9 @@ def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str]:
             folder = Path(tempfile.gettempdir()) / "kdcache-default-data"
             dataset = str(default.write_default_dataset(folder, cfg.split))
             label = f"embedded:python-docs:{cfg.split}"
-            say(f"no --dataset given: using the embedded default corpus, split {cfg.split} (Python's own documentation)")
+            say(
+                f"no --dataset given: using the embedded default corpus, split {cfg.split} (Python's own documentation)"
+            )
     return teacher, dataset, label or dataset
 
 

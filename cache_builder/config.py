@@ -73,14 +73,20 @@ class BuildConfig:
             (self.max_length >= 2, "--max-length must be at least 2"),
             (self.top_k >= 1, "--top-k must be at least 1"),
             (self.samples >= 0, "--samples must be 0 or more"),
-            (self.samples <= 65535, "--samples must be at most 65535 (counts are stored as uint16)"),
+            (
+                self.samples <= 65535,
+                "--samples must be at most 65535 (counts are stored as uint16)",
+            ),
             (self.sample_temperature > 0, "--sample-temperature must be > 0"),
             (all(t > 0 for t in self.temperatures), "--temperatures must all be > 0"),
             (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}"),
             (self.shard_tokens >= self.max_length, "--shard-tokens must be at least --max-length"),
             (self.batch_tokens >= self.max_length, "--batch-tokens must be at least --max-length"),
             (self.vocab_chunk >= 1, "--vocab-chunk must be at least 1"),
-            (self.dtype in ("auto", "bfloat16", "float16", "float32"), "--dtype must be auto, bfloat16, float16 or float32"),
+            (
+                self.dtype in ("auto", "bfloat16", "float16", "float32"),
+                "--dtype must be auto, bfloat16, float16 or float32",
+            ),
         ]
         for ok, message in checks:
             if not ok:

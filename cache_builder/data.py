@@ -15,9 +15,10 @@ The rules below decide the token stream, hence the dataset fingerprint of a cach
   fsspec URLs. Globs and directories are read in sorted path order (a directory: every
   supported file below it, names starting with "." or "_" skipped). A directory written by
   `datasets.save_to_disk` is read with `datasets.load_from_disk`; an id that is not a local path
-  with `datasets.load_dataset(id, split=split, streaming=True)`.
-- Splits. Files and a saved `Dataset` hold one split, "train"; a saved `DatasetDict` and a hub
-  dataset are asked for `split`.
+  with `datasets.load_dataset(id, split=split, streaming=True)`. Everything is streamed except
+  a .json array, which is parsed whole.
+- Splits. Files hold one split, "train"; a saved `Dataset` holds "train" or the split it was
+  saved from; a saved `DatasetDict` and a hub dataset are asked for `split`.
 - Rows. A .txt file holds one document per block of lines; blocks are separated by blank
   (whitespace-only) lines, and a block's lines are joined with "\\n". `source_row` numbers the
   rows of all sources together from 0, empty documents included.
@@ -209,22 +210,21 @@ def _format(path: str) -> tuple[str | None, str | None]:
 def _reader(name: str, split: str, select: _Select) -> Iterator[dict[str, Any]]:
     url = name if "://" in name else os.path.expanduser(name)
     fs, path = url_to_fs(url)
-    if _GLOB_CHARS.search(path):
+    if match := _GLOB_CHARS.search(path):
+        base = path[: path.rfind("/", 0, match.start()) + 1]
         files = sorted(
-            p for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"
+            p
+            for p, info in fs.glob(path, detail=True).items()
+            if info["type"] == "file" and not _hidden(p[len(base) :], ".")
         )
         if not files:
             raise DataError(f"no files match {name!r}", hint="check the pattern and the path")
-        _check_file_split(name, split)
-        return _read_files(fs, files, select, strict=True)
+        return _read_files(fs, files, name, split, select)
     if fs.isdir(path):
         if fs.exists(f"{path}/dataset_dict.json") or fs.exists(f"{path}/state.json"):
             return _read_saved(url, split, select)
         files = sorted(
-            p
-            for p in fs.find(path)
-            if _format(p)[0]
-            and not any(part[:1] in "._" for part in p[len(path) :].split("/") if part)
+            p for p in fs.find(path) if _format(p)[0] and not _hidden(p[len(path) :], "._")
         )
         if not files:
             raise DataError(
@@ -232,11 +232,9 @@ def _reader(name: str, split: str, select: _Select) -> Iterator[dict[str, Any]]:
                 hint=f"put {_supported()} files in it, or save a dataset there with "
                 "datasets.save_to_disk",
             )
-        _check_file_split(name, split)
-        return _read_files(fs, files, select, strict=False)
+        return _read_files(fs, files, name, split, select)
     if fs.isfile(path):
-        _check_file_split(name, split)
-        return _read_files(fs, [path], select, strict=True)
+        return _read_files(fs, [path], name, split, select)
     if "://" not in name and _HUB_ID.fullmatch(name) and _format(name)[0] is None:
         return _read_hub(name, split, select)
     raise DataError(
@@ -245,32 +243,38 @@ def _reader(name: str, split: str, select: _Select) -> Iterator[dict[str, Any]]:
     )
 
 
+def _hidden(relative_path: str, prefixes: str) -> bool:
+    """Whether a file or a folder on its path is hidden: dotfiles for globs, as a shell does;
+    for a directory also "_" names (Spark's _SUCCESS, _metadata)."""
+    return any(part[:1] in prefixes for part in relative_path.split("/") if part)
+
+
 def _supported() -> str:
     return "/".join(sorted(_FILE_READERS))
 
 
-def _check_file_split(name: str, split: str) -> None:
+def _read_files(
+    fs: AbstractFileSystem, files: list[str], name: str, split: str, select: _Select
+) -> Iterator[dict[str, Any]]:
+    """Check the files and the split at once, then read the files one after the other."""
     if split != "train":
         raise DataError(
             f"data files hold one split, 'train', but --split {split!r} was asked of {name!r}",
             hint="point --dataset at that split's files and keep --split train",
         )
-
-
-def _read_files(
-    fs: AbstractFileSystem, files: list[str], select: _Select, *, strict: bool
-) -> Iterator[dict[str, Any]]:
-    for path in files:
-        fmt, compression = _format(path)
-        where = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+    local = isinstance(fs, LocalFileSystem)
+    plan = [(path if local else fs.unstrip_protocol(path), path, *_format(path)) for path in files]
+    for where, _, fmt, _ in plan:
         if fmt is None:
-            if not strict:
-                continue
             raise DataError(
                 f"{where!r} is not a supported data file",
                 hint=f"use {_supported()} files (optionally .gz/.bz2/.xz compressed)",
             )
-        yield from _FILE_READERS[fmt](fs, path, compression, select, where)
+    return itertools.chain.from_iterable(
+        _FILE_READERS[fmt](fs, path, compression, select, where)
+        for where, path, fmt, compression in plan
+        if fmt is not None
+    )
 
 
 def _open_text(
@@ -303,7 +307,7 @@ def _read_json(
         head = ""
         while not head and (chunk := f.read(4096)):
             head = chunk.lstrip()
-    if not head.startswith("["):  # JSON lines in a .json file, as `datasets` accepts
+    if not head.startswith("["):  # JSON lines in a .json file, as `datasets` accepts them
         yield from _read_jsonl(fs, path, compression, select, where)
         return
     with _open_text(fs, path, compression) as f:

@@ -54,7 +54,10 @@ def to_host(signals: TeacherSignals) -> HostSignals:
         else:
             tensors[f.name] = t
     ready = None
-    if any(getattr(signals, f.name) is not None and getattr(signals, f.name).device.type == "cuda" for f in fields(signals)):
+    if any(
+        getattr(signals, f.name) is not None and getattr(signals, f.name).device.type == "cuda"
+        for f in fields(signals)
+    ):
         ready = torch.cuda.Event()
         ready.record()
     return HostSignals(tensors, ready)

@@ -53,7 +53,9 @@ def make_plan(segment_lengths: Iterable[int], shard_tokens: int) -> BuildPlan:
     return BuildPlan(tuple(shards), total)
 
 
-def segments_of(stream: Iterable[Segment], wanted: list[ShardPlan]) -> Iterator[tuple[ShardPlan, list[Segment]]]:
+def segments_of(
+    stream: Iterable[Segment], wanted: list[ShardPlan]
+) -> Iterator[tuple[ShardPlan, list[Segment]]]:
     """(shard, its segments) for the `wanted` shards, in order, from one pass over `stream`.
 
     Holds one shard's segments at a time; segments of other shards are skipped.

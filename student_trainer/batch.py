@@ -150,3 +150,65 @@ def unique_counts(draws: Tensor) -> tuple[Tensor, Tensor]:
     ids = sorted_draws[:, :1].expand_as(sorted_draws).clone()
     ids.scatter_(1, slot, sorted_draws)
     return ids, counts
+
+
+@dataclass(frozen=True)
+class StudentInputs:
+    """What the student model sees for a batch of B sequences padded to L."""
+
+    input_ids: Tensor
+    """(B, L) int64, padded with 0."""
+    attention_mask: Tensor
+    """(B, L) int64, 1 on real tokens."""
+    rows: Tensor
+    """(N,) int64 flat indices into (B * L) of the positions that have a next token."""
+
+    def to(self, device: torch.device | str) -> StudentInputs:
+        return StudentInputs(
+            *(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.rows))
+        )
+
+
+def collate(sequences: list, layout_vocab: int, temperatures: tuple[float, ...] = (), sample_temperature: float = 1.0) -> tuple[StudentInputs, TeacherBatch]:
+    """Pad sequences into student inputs and gather the teacher rows that have a next token.
+
+    This is where numpy becomes torch. Row t of a sequence of n tokens is trained on when
+    t < n - 1: its label is token t + 1.
+    """
+    import numpy as np
+
+    lengths = [len(s) for s in sequences]
+    b, l_max = len(sequences), max(lengths)
+    input_ids = np.zeros((b, l_max), dtype=np.int64)
+    mask = np.zeros((b, l_max), dtype=np.int64)
+    rows, picked = [], {name: [] for name in sequences[0].arrays}
+    labels = []
+    for i, (seq, n) in enumerate(zip(sequences, lengths)):
+        ids = seq.arrays["input_ids"]
+        input_ids[i, :n] = ids
+        mask[i, :n] = 1
+        rows.append(i * l_max + np.arange(n - 1))
+        labels.append(ids[1:])
+        for name, value in seq.arrays.items():
+            picked[name].append(value[: n - 1])
+    cat = {name: np.concatenate(parts) for name, parts in picked.items()}
+    t = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in cat.items()}
+    teacher = TeacherBatch(
+        ids=t["topk_ids"].long(),
+        logprobs=t["topk_logprobs"],
+        lse=t["lse"],
+        log_tail=t["log_tail"],
+        labels=torch.from_numpy(np.concatenate(labels).astype(np.int64)),
+        label_logprob=t["label_logprob"],
+        vocab_size=layout_vocab,
+        temperatures=tuple(temperatures),
+        temp_lse=t.get("temp_lse"),
+        sample_ids=t["sample_ids"].long() if "sample_ids" in t else None,
+        sample_counts=t["sample_counts"].float() if "sample_counts" in t else None,
+        sample_logprobs=t.get("sample_logprobs"),
+        sample_temperature=sample_temperature,
+    )
+    inputs = StudentInputs(
+        torch.from_numpy(input_ids), torch.from_numpy(mask), torch.from_numpy(np.concatenate(rows).astype(np.int64))
+    )
+    return inputs, teacher

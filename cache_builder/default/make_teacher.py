@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -279,6 +280,7 @@ def make_teacher(recipe: TeacherRecipe, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    portable_tokenizer_config(out)
     info = {
         "recipe": dataclasses.asdict(recipe),
         "steps": steps,
@@ -317,6 +319,33 @@ def make_teacher(recipe: TeacherRecipe, out: Path) -> dict:
     return info
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc from unmapping the large per-step buffers (logits are ``(B, T, V)``).
+
+    By default every free of a block above 32 MB goes back to the OS and the next step
+    page-faults it in again: a third of the CPU time of a step on one thread. Elsewhere (other
+    libcs, other systems) this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
+def portable_tokenizer_config(out: Path) -> None:
+    """Name the tokenizer class ``PreTrainedTokenizerFast``, which transformers 4 and 5 both
+    resolve (5 writes ``TokenizersBackend``, unknown to 4)."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write")
@@ -332,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     recipe = TeacherRecipe(
         seed=args.seed,
         steps=args.steps,

@@ -41,7 +41,9 @@ def log_tail_from_head(log_head: Tensor, *, covers_vocab: bool) -> Tensor:
     can resolve (rounding in the log-sum-exp) reads as eps instead of -inf or NaN.
     """
     if covers_vocab:
-        return torch.full(log_head.shape[:-1], -torch.inf, dtype=log_head.dtype, device=log_head.device)
+        return torch.full(
+            log_head.shape[:-1], -torch.inf, dtype=log_head.dtype, device=log_head.device
+        )
     head = torch.logsumexp(log_head, dim=-1)  # (N,)
     floor = math.log1p(-torch.finfo(log_head.dtype).eps)
     return log1mexp(head.clamp(max=floor))

@@ -64,7 +64,9 @@ def csd(
     else:
         s = student.full()  # (N, V): imputation needs the student's whole vocabulary
         fill = teacher.log_tail.to(s.dtype) - math.log(teacher.vocab_size - teacher.k)
-        t_logp = fill.unsqueeze(-1).expand_as(s).scatter(1, teacher.ids, teacher.logprobs.to(s.dtype))
+        t_logp = (
+            fill.unsqueeze(-1).expand_as(s).scatter(1, teacher.ids, teacher.logprobs.to(s.dtype))
+        )
         t_weight = t_logp.exp()
     d = s - t_logp  # (N, j) with j = k or V
 

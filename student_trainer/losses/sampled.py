@@ -33,7 +33,11 @@ def rskd(
     Padding (count 0) gets weight 0. `stats["rskd/unique_ids"]` is the mean number of distinct
     sampled ids per row; `stats["rskd/self_normalized"]` is 1 when T != t (biased estimate).
     """
-    if teacher.sample_ids is None or teacher.sample_counts is None or teacher.sample_logprobs is None:
+    if (
+        teacher.sample_ids is None
+        or teacher.sample_counts is None
+        or teacher.sample_logprobs is None
+    ):
         raise ValueError(
             "rskd needs teacher samples, and this cache has none: rebuild it with "
             "`kdcache build --samples N` (e.g. --samples 50), or pick a top-k loss"
@@ -46,7 +50,8 @@ def rskd(
     log_q = student.scaled(temperature).logprobs_at(teacher.sample_ids)  # (N, n)
     if stats is not None:
         stats["rskd/unique_ids"] = (teacher.sample_counts > 0).sum(-1).float().mean().detach()
-        stats["rskd/self_normalized"] = torch.tensor(float(shift != 0.0), device=log_w.device)
+        # a fill, not a host-to-device copy: no sync point
+        stats["rskd/self_normalized"] = torch.full((), float(shift != 0.0), device=log_w.device)
     return temperature**2 * soft_cross_entropy(log_p_tilde, log_q).mean()
 
 

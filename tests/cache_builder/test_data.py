@@ -105,8 +105,9 @@ def test_globs_and_directories_read_supported_files_in_sorted_order(
     assert texts(str(root)) == ["a0", "b0", "b1", "c0"]
     assert [r for r, _ in load_rows(str(root))] == [0, 1, 2, 3]
     assert texts([str(root / "sub" / "part-c.jsonl"), str(root / "part-a.jsonl")]) == ["c0", "a0"]
+    assert texts(str(root) + "/") == ["a0", "b0", "b1", "c0"]
     with pytest.raises(DataError, match=r"README\.md.*not a supported data file"):
-        texts(str(root / "*"))
+        load_rows(str(root / "*"))  # at once, before any file is read
 
 
 def test_fsspec_url(tokenizer: Any) -> None:
@@ -212,7 +213,10 @@ def test_missing_text_field_lists_the_columns(
     tmp_path: Path, text_dataset_files: TextDatasetFiles
 ) -> None:
     path = write_jsonl(tmp_path / "other.jsonl", [{"body": "hello", "id": 1}])
-    with pytest.raises(DataError, match=r"other\.jsonl:1 has no 'text' column \(columns: 'body', 'id'\).*--text-field"):
+    with pytest.raises(
+        DataError,
+        match=r"other\.jsonl:1 has no 'text' column \(columns: 'body', 'id'\).*--text-field",
+    ):
         list(load_rows(str(path)))
     assert list(load_rows(str(path), text_field="body")) == [(0, {"body": "hello"})]
     for fmt in ("parquet", "csv", "disk"):
@@ -284,9 +288,11 @@ def test_bos_is_added_once_when_the_tokenizer_adds_one(tmp_path: Path) -> None:
     body = tok("hello there", add_special_tokens=False)["input_ids"]
 
     rows = [(0, {"text": "hello there"}), (1, {"text": f"{EOS}hello there"})]
-    assert [ids.tolist() for _, ids in tokenize_rows(rows, tok)] == [[bos, *body, tok.eos_token_id]] * 2
+    assert [ids.tolist() for _, ids in tokenize_rows(rows, tok)] == [
+        [bos, *body, tok.eos_token_id]
+    ] * 2
     chat = [(0, {"messages": [{"role": "user", "content": "hello there"}]})]
-    (_, ids), = tokenize_rows(chat, tok, chat_template=True)
+    ((_, ids),) = tokenize_rows(chat, tok, chat_template=True)
     newline = tok("\n", add_special_tokens=False)["input_ids"]
     assert ids.tolist()[:1] == [bos] and ids.tolist().count(bos) == 2  # one BOS, one EOS
     assert ids.tolist()[-1 - len(newline) : -1] == newline

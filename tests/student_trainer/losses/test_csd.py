@@ -92,8 +92,12 @@ def test_full_cache_equals_double_sum_value_and_gradient(weights, temperature):
     got = csd(Exact(x), teacher, weights=weights, temperature=temperature)
     (grad,) = torch.autograd.grad(got, x)
     t_logp = torch.log_softmax(z, -1)
-    torch.testing.assert_close(got, double_sum(s, t_logp, weights, temperature), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, closed_form_grad(s, t_logp, weights, temperature), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        got, double_sum(s, t_logp, weights, temperature), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        grad, closed_form_grad(s, t_logp, weights, temperature), rtol=1e-5, atol=1e-7
+    )
     # Autograd of the O(V^2) double sum (weights detached) gives the same gradient.
     x2 = s.clone().requires_grad_()
     (grad2,) = torch.autograd.grad(double_sum(x2, t_logp, weights, temperature), x2)
@@ -201,7 +205,9 @@ def test_dense_and_chunked_students_agree(tail):
     teacher = teacher_batch_from_logits(z, torch.randint(0, v, (n,), generator=g), k=6)
     dense = csd(DenseStudent(h @ w.T), teacher, weights="TS", tail=tail)
     dense_grads = torch.autograd.grad(dense, (h, w))
-    chunked = csd(ChunkedStudent(h, w, vocab_chunk=5, row_chunk=3), teacher, weights="TS", tail=tail)
+    chunked = csd(
+        ChunkedStudent(h, w, vocab_chunk=5, row_chunk=3), teacher, weights="TS", tail=tail
+    )
     chunked_grads = torch.autograd.grad(chunked, (h, w))
     torch.testing.assert_close(dense, chunked, rtol=1e-5, atol=1e-6)
     for a, b in zip(dense_grads, chunked_grads, strict=True):

@@ -86,7 +86,9 @@ def _dense(name: str, z: Tensor, s: Tensor, ids: Tensor, temperature: float, buc
 # --- inputs -----------------------------------------------------------------------------------
 
 
-def _inputs(n: int, v: int, k: int, seed: int, scale: float = 2.0) -> tuple[Tensor, Tensor, TeacherBatch]:
+def _inputs(
+    n: int, v: int, k: int, seed: int, scale: float = 2.0
+) -> tuple[Tensor, Tensor, TeacherBatch]:
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, v, generator=g) * scale
     s = torch.randn(n, v, generator=g) * scale
@@ -109,7 +111,9 @@ def _teacher64(z: Tensor, k: int, temperatures: tuple[float, ...] = STORED) -> T
         label_logprob=logp[:, 0],
         vocab_size=z.shape[1],
         temperatures=temperatures,
-        temp_lse=torch.stack([(z / t).logsumexp(-1) for t in temperatures], -1) if temperatures else None,
+        temp_lse=torch.stack([(z / t).logsumexp(-1) for t in temperatures], -1)
+        if temperatures
+        else None,
     )
 
 
@@ -388,7 +392,9 @@ def test_tvd_bracket_holds_per_row() -> None:
         assert lower.item() - 1e-6 <= full[i].item() <= upper.item() + 1e-6
         p_tail = teacher.log_tail[i].exp()
         q_tail = 1 - torch.softmax(s[i], -1)[teacher.ids[i]].sum()
-        torch.testing.assert_close(upper - lower.detach(), torch.minimum(p_tail, q_tail), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            upper - lower.detach(), torch.minimum(p_tail, q_tail), atol=1e-6, rtol=1e-5
+        )
         assert stats["tvd/approx_tail"].item() == 1.0
 
 

@@ -58,7 +58,9 @@ X_GRID = [-INF, -800.0, -50.0, -5.0, -0.7, -math.log(2), -0.69, -0.1, -1e-5, -1e
 def test_log1mexp_matches_high_precision(dtype: torch.dtype) -> None:
     xs = [x for x in X_GRID if dtype == torch.float64 or x == 0 or abs(x) > 1e-38]
     got = log1mexp(torch.tensor(xs, dtype=dtype))
-    want = torch.tensor([_mp_log1mexp(float(torch.tensor(x, dtype=dtype))) for x in xs], dtype=dtype)
+    want = torch.tensor(
+        [_mp_log1mexp(float(torch.tensor(x, dtype=dtype))) for x in xs], dtype=dtype
+    )
     assert got.dtype == dtype
     tol = 4 * torch.finfo(dtype).eps
     torch.testing.assert_close(got, want, rtol=tol, atol=0.0)
@@ -81,7 +83,9 @@ def test_log1mexp_gradient_is_finite_and_exact() -> None:
     assert grad[0] == 0.0
     want = -1.0 / torch.expm1(-x[1:].detach())  # d/dx log(1 - e^x) = -e^x / (1 - e^x)
     torch.testing.assert_close(grad[1:], want, rtol=1e-12, atol=1e-300)
-    assert torch.autograd.gradcheck(log1mexp, (torch.linspace(-20, -1e-3, 25, dtype=torch.float64).requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        log1mexp, (torch.linspace(-20, -1e-3, 25, dtype=torch.float64).requires_grad_(),)
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -120,7 +124,9 @@ def test_log_tail_floor_when_head_rounds_above_one() -> None:
 def test_teacher_bucket_at_t1_and_stored_t_is_exact(k: int) -> None:
     torch.manual_seed(1)
     z = torch.randn(7, 10) * 2
-    teacher = teacher_batch_from_logits(z, torch.zeros(7, dtype=torch.long), k, temperatures=(0.5, 2.0))
+    teacher = teacher_batch_from_logits(
+        z, torch.zeros(7, dtype=torch.long), k, temperatures=(0.5, 2.0)
+    )
     for t in (1.0, 0.5, 2.0):
         got = teacher_bucket(teacher, t)
         want = _dense_bucket(z, teacher.ids, t).float()
@@ -208,7 +214,9 @@ def test_student_bucket_gradcheck_float64() -> None:
 
 
 def test_kl_and_entropy_with_zero_probabilities() -> None:
-    log_p = torch.tensor([[math.log(0.5), math.log(0.5), -INF], [0.0, -INF, -INF]], dtype=torch.float64)
+    log_p = torch.tensor(
+        [[math.log(0.5), math.log(0.5), -INF], [0.0, -INF, -INF]], dtype=torch.float64
+    )
     log_q = torch.tensor(
         [[math.log(0.25), math.log(0.25), math.log(0.5)], [-1e-9, -INF, -21.0]], dtype=torch.float64
     ).requires_grad_()
@@ -216,7 +224,9 @@ def test_kl_and_entropy_with_zero_probabilities() -> None:
     kl = kl_div(log_p, log_q)
     torch.testing.assert_close(kl[0], torch.tensor(math.log(2.0), dtype=torch.float64))
     torch.testing.assert_close(kl[1], torch.tensor(1e-9, dtype=torch.float64))
-    torch.testing.assert_close(entropy(log_p.detach()), torch.tensor([math.log(2.0), 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        entropy(log_p.detach()), torch.tensor([math.log(2.0), 0.0], dtype=torch.float64)
+    )
     torch.testing.assert_close(
         soft_cross_entropy(log_p.detach(), log_q.detach()), kl.detach() + entropy(log_p.detach())
     )

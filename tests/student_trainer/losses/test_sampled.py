@@ -14,7 +14,9 @@ from student_trainer.losses._student import ChunkedStudent, DenseStudent, Studen
 from tests.student_trainer.losses.test_student import Float64Student
 
 
-def _teacher(z: Tensor, num_samples: int, sample_temperature: float = 1.0, seed: int = 0) -> TeacherBatch:
+def _teacher(
+    z: Tensor, num_samples: int, sample_temperature: float = 1.0, seed: int = 0
+) -> TeacherBatch:
     return teacher_batch_from_logits(
         z,
         torch.zeros(z.shape[0], dtype=torch.long),
@@ -44,7 +46,8 @@ def test_needs_samples() -> None:
 
 
 @pytest.mark.parametrize(
-    ("sample_temperature", "temperature"), [(1.0, 1.0), (1.5, 1.0), (1.0, 2.0), (0.8, 0.8), (2.0, 0.5)]
+    ("sample_temperature", "temperature"),
+    [(1.0, 1.0), (1.5, 1.0), (1.0, 2.0), (0.8, 0.8), (2.0, 0.5)],
 )
 def test_matches_dense_reference(sample_temperature: float, temperature: float) -> None:
     g = torch.Generator().manual_seed(1)
@@ -64,7 +67,9 @@ def test_untempered_weights_are_counts_over_draws() -> None:
     g = torch.Generator().manual_seed(2)
     z, s = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
     teacher = _teacher(z, 20)
-    scrambled = dataclasses.replace(teacher, sample_logprobs=torch.randn_like(teacher.sample_logprobs))
+    scrambled = dataclasses.replace(
+        teacher, sample_logprobs=torch.randn_like(teacher.sample_logprobs)
+    )
     log_q = torch.log_softmax(s, -1).gather(-1, teacher.sample_ids)
     want = -((teacher.sample_counts / 20) * log_q).sum(-1).mean()
     torch.testing.assert_close(sampled.rskd(DenseStudent(s), scrambled), want)
@@ -108,7 +113,10 @@ def test_mean_gradient_converges_to_q_minus_p(
     torch.testing.assert_close(grad, temperature * (q_t - p_t), rtol=0.0, atol=atol)
     # one draw set alone is far noisier than the average: the test can tell the two apart
     (one,) = torch.autograd.grad(
-        sampled.rskd(DenseStudent(s[None]), teacher.select(torch.tensor([0])), temperature=temperature), s
+        sampled.rskd(
+            DenseStudent(s[None]), teacher.select(torch.tensor([0])), temperature=temperature
+        ),
+        s,
     )
     assert (one - temperature * (q_t - p_t)).abs().max() > atol
 

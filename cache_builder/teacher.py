@@ -1,0 +1,434 @@
+"""The teacher: a Hugging Face causal LM run over packed rows of documents.
+
+A packed row holds several documents back to back (then padding). Position ids restart at 0
+for every document, and attention never crosses a document: transformers (>= 4.53, checked on
+5.23) reads exactly that layout from the position ids. With `attention_mask=None`, no cache
+and per-document position ids, `masking_utils.create_causal_mask` finds the packed sequences
+(`find_packed_sequence_indices`) and builds a block-diagonal causal mask for sdpa, eager and
+flex attention, sliding windows included. Flash attention only goes varlen for a batch of one,
+so for it the rows are flattened into one sequence and `cu_seq_lens` are passed explicitly.
+`load_teacher` then proves it on the loaded model: one document's hidden states must not move
+when the document packed before it changes, and must match the document run alone.
+
+The logits are `lm_head(final hidden states)`, optionally followed by an elementwise transform
+read from the config (logit softcapping, logit scale). `Teacher.signals` walks the vocabulary
+in chunks through the lm_head weight when the head is a plain `nn.Linear`, and otherwise calls
+the model's own head on row chunks. `load_teacher` checks that either way reproduces the
+model's own logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cache_builder.topk import TeacherSignals, teacher_signals, teacher_signals_from_logits
+
+__all__ = ["Teacher", "TeacherError", "TeacherInfo", "load_teacher", "packed_position_ids"]
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+_HASH_BLOCK = 1 << 24  # 16 MiB reads keep hashing a 100 GB teacher at disk speed
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be loaded or used as asked; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a manifest records about the teacher."""
+
+    name_or_path: str
+    """As given: a local directory or a Hugging Face model id."""
+    revision: str | None
+    """Hub revision asked for (None: the default branch, or a local directory)."""
+    weights_sha256: str | None
+    """"sha256:..." over the weight files, or None for a hub model that is not in the local cache."""
+    model_type: str
+    """config.model_type, e.g. "llama"."""
+    num_parameters: int
+    dtype: str
+    """The dtype the teacher runs in, e.g. "bfloat16"."""
+
+
+def packed_position_ids(seq_lens: Sequence[Sequence[int]], length: int) -> Tensor:
+    """(B, L) int64 position ids restarting at 0 per document; padding counts as one more."""
+    rows = []
+    for lens in _segments(seq_lens, length):
+        rows.append(torch.cat([torch.arange(n) for n in lens]))
+    return torch.stack(rows)
+
+
+def _segments(seq_lens: Sequence[Sequence[int]], length: int) -> list[list[int]]:
+    """Per row, the document lengths plus the padding tail (if any) as a last segment."""
+    out = []
+    for b, lens in enumerate(seq_lens):
+        lens = [int(n) for n in lens]
+        if any(n < 1 for n in lens) or sum(lens) > length:
+            raise ValueError(
+                f"row {b}: seq_lens {lens} must be positive and sum to at most L={length}"
+            )
+        tail = length - sum(lens)
+        out.append([*lens, tail] if tail else lens)
+    return out
+
+
+class Teacher:
+    """A loaded causal LM in eval mode, with packed-row hidden states and its output head."""
+
+    def __init__(self, model: nn.Module, info: TeacherInfo) -> None:
+        self.model = model
+        self.info = info
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        head = model.get_output_embeddings()
+        if head is None or getattr(head, "weight", None) is None or head.weight.ndim != 2:
+            raise TeacherError(
+                f"teacher {info.name_or_path}: {type(model).__name__} has no output head with a "
+                f"(V, d) weight (get_output_embeddings() gave {type(head).__name__}). "
+                f"Fix: use a causal LM checkpoint (one AutoModelForCausalLM loads with a lm_head)."
+            )
+        self._head = head
+        self.vocab_size: int = head.weight.shape[0]
+        self.plain_head: bool = type(head) is nn.Linear
+        """True when the logits are `hidden @ W.T + b` (then transformed): chunked top-k applies."""
+        self.logit_transform: Callable[[Tensor], Tensor] | None = _logit_transform(model.config)
+        """Elementwise map from lm_head outputs (fp32) to the model's logits, if any."""
+        attn = str(getattr(model.config, "_attn_implementation", None) or "")
+        self._varlen = "flash" in attn  # flash kernels: flatten rows, pass cu_seq_lens
+
+    def lm_head(self) -> tuple[Tensor, Tensor | None]:
+        """(weight (V, d), bias (V,) or None) of the output head."""
+        return self._head.weight, getattr(self._head, "bias", None)
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        seq_lens: Sequence[Sequence[int]] | None = None,
+    ) -> Tensor:
+        """(B, L, d) final (post-norm) hidden states of packed rows, in the model's dtype.
+
+        `input_ids` (B, L); `seq_lens[b]` lists row b's document lengths (summing to <= L; the
+        rest is padding, whose outputs are meaningless); None means one document per row.
+        `position_ids`, if given, must equal `packed_position_ids(seq_lens, L)`.
+        """
+        bsz, length = input_ids.shape
+        if seq_lens is None:
+            seq_lens = [[length]] * bsz
+        if len(seq_lens) != bsz:
+            raise ValueError(f"seq_lens has {len(seq_lens)} rows, input_ids has {bsz}")
+        pos = packed_position_ids(seq_lens, length)
+        if position_ids is not None and not torch.equal(position_ids.cpu(), pos):
+            raise ValueError("position_ids must restart at 0 for each document of seq_lens")
+        ids, pos = input_ids.to(self.device), pos.to(self.device)
+        body = self.model.base_model
+        if not self._varlen:
+            # attention_mask=None + restarting position ids: transformers masks per document.
+            return body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+        lens = torch.tensor([n for row in _segments(seq_lens, length) for n in row])
+        cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(self.device, torch.int32)
+        out = body(
+            input_ids=ids.reshape(1, bsz * length),
+            position_ids=pos.reshape(1, bsz * length),
+            use_cache=False,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=int(lens.max()),
+            max_length_k=int(lens.max()),
+        )
+        return out.last_hidden_state.reshape(bsz, length, -1)
+
+    @torch.inference_mode()
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(..., V) float32 logits from hidden states (..., d) through the model's own head."""
+        z = self._head(hidden).float()
+        return z if self.logit_transform is None else self.logit_transform(z)
+
+    @torch.inference_mode()
+    def signals(
+        self,
+        hidden: Tensor,
+        labels: Tensor,
+        *,
+        k: int,
+        temperatures: Sequence[float] = (),
+        num_samples: int = 0,
+        sample_temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        vocab_chunk: int = 8192,
+        row_chunk: int = 4096,
+    ) -> TeacherSignals:
+        """Teacher signals at N positions from hidden states (N, d); labels (N,), -1 for none."""
+        options = dict(
+            k=k,
+            temperatures=temperatures,
+            num_samples=num_samples,
+            sample_temperature=sample_temperature,
+            generator=generator,
+            vocab_chunk=vocab_chunk,
+            row_chunk=row_chunk,
+        )
+        if self.plain_head:
+            weight, bias = self.lm_head()
+            return teacher_signals(
+                hidden, weight, bias, labels, logit_transform=self.logit_transform, **options
+            )
+        parts = [
+            teacher_signals_from_logits(
+                self.logits(hidden[r0 : r0 + row_chunk]), labels[r0 : r0 + row_chunk], **options
+            )
+            for r0 in range(0, hidden.shape[0], row_chunk)
+        ]
+        return TeacherSignals.cat(parts)
+
+    def check(self) -> None:
+        """Prove packing and the head on this model with a tiny forward; raise TeacherError if not.
+
+        Two rows pack [doc A, doc B] and [doc A', doc B]: doc B's hidden states must be the same
+        in both (nothing leaks across documents) and match doc B run alone (positions restart),
+        and `logits(hidden)` must reproduce the model's own forward.
+        """
+        name, gen = self.info.name_or_path, torch.Generator().manual_seed(0)
+        high = min(self.vocab_size, self.model.get_input_embeddings().num_embeddings)
+        a, a2, b = (torch.randint(high, (n,), generator=gen) for n in (3, 3, 5))
+        rows = torch.stack([torch.cat([a, b]), torch.cat([a2, b])])
+        packed = self.hidden_states(rows, seq_lens=[[3, 5], [3, 5]]).float()
+        alone = self.hidden_states(b.unsqueeze(0)).float()
+        tol = 1e-4 if self.dtype == torch.float32 else 3e-2
+        if _rel_err(packed[0, 3:], packed[1, 3:]) > tol:
+            raise TeacherError(
+                f"teacher {name}: attention crosses documents packed in one row with "
+                f"attn_implementation={self.model.config._attn_implementation!r} "
+                f"({type(self.model).__name__}). Fix: load it with attn_implementation='sdpa' "
+                f"or 'flash_attention_2', or build with one document per row (no packing)."
+            )
+        if _rel_err(packed[0, 3:], alone[0]) > tol:
+            raise TeacherError(
+                f"teacher {name}: a document packed after another does not match it run alone "
+                f"({type(self.model).__name__} ignores restarting position_ids). Fix: build "
+                f"with one document per row (no packing)."
+            )
+        with torch.inference_mode():
+            own = self.model(input_ids=b.unsqueeze(0).to(self.device), use_cache=False)
+        own_logits = own.logits.float()
+        if _rel_err(self.logits(self.hidden_states(b.unsqueeze(0))), own_logits) > tol:
+            raise TeacherError(
+                f"teacher {name}: its logits are not lm_head(final hidden states) with a known "
+                f"transform (softcapping, logit scale), so kdcache cannot compute them for "
+                f"model_type {self.info.model_type!r}. Fix: use a supported architecture."
+            )
+
+
+def load_teacher(
+    name_or_path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> Teacher:
+    """Load a causal LM teacher from a local directory or a Hugging Face id, ready for `build`.
+
+    dtype "auto": bfloat16 on CUDA, float32 on CPU. device "auto": the current CUDA device if
+    there is one, else the CPU. Raises `TeacherError` with the fix when the path is not a model
+    or the model needs `trust_remote_code`. Runs `Teacher.check()` before returning.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import is_accelerate_available
+
+    name = os.fspath(name_or_path)
+    local = _local_model_dir(name)
+    source = str(local) if local is not None else name
+    dev = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    try:
+        AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        _raise_if_remote_code(name, e)
+        raise TeacherError(f"teacher {name}: transformers cannot read its config.json: {e}") from e
+    except OSError as e:
+        raise TeacherError(
+            f"teacher {name!r} is neither a local model directory nor a Hugging Face model found "
+            f"on the hub or in the local cache ({e}). Fix: check the name and revision; offline "
+            f"(HF_HUB_OFFLINE=1), download it first with `hf download {name}`."
+        ) from e
+    kwargs = {}
+    if dev.type != "cpu" and is_accelerate_available():
+        kwargs["device_map"] = {"": dev}  # load straight onto the device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=revision,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    except OSError as e:
+        raise TeacherError(
+            f"teacher {name}: no weights could be loaded ({e}). Fix: the directory needs "
+            f"model.safetensors (or sharded *.safetensors with an index), as save_pretrained writes."
+        ) from e
+    except ValueError as e:
+        _raise_if_remote_code(name, e)
+        if "attention implementation" in str(e):
+            raise TeacherError(
+                f"teacher {name}: attn_implementation={attn_implementation!r} is not supported "
+                f"by this model ({str(e).splitlines()[0]}). Fix: leave attn_implementation unset "
+                f"or pass 'eager'."
+            ) from e
+        raise TeacherError(
+            f"teacher {name}: not a causal language model that transformers can load "
+            f"({str(e).splitlines()[0]}). Fix: use a decoder-only (AutoModelForCausalLM) checkpoint."
+        ) from e
+    model = model.to(dev).eval().requires_grad_(False)
+    info = TeacherInfo(
+        name_or_path=name,
+        revision=revision,
+        weights_sha256=_weights_sha256(
+            local if local is not None else _cached_snapshot(name, revision)
+        ),
+        model_type=str(model.config.model_type),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(torch_dtype).removeprefix("torch."),
+    )
+    teacher = Teacher(model, info)
+    teacher.check()
+    return teacher
+
+
+def _raise_if_remote_code(name: str, error: ValueError) -> None:
+    if "trust_remote_code" in str(error):
+        raise TeacherError(
+            f"teacher {name} ships its own modelling code (an auto_map in config.json), which "
+            f"runs only with trust_remote_code=True. Fix: read that code, then pass "
+            f"trust_remote_code=True (kdcache build --trust-remote-code)."
+        ) from error
+
+
+def _local_model_dir(name: str) -> Path | None:
+    """The model directory `name` names, None for a hub id; TeacherError for a bad path."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TeacherError(
+                f"teacher path {path} is a file, not a model directory. Fix: pass the directory "
+                f"holding config.json and the weights (as save_pretrained writes it), or a model id."
+            )
+        if not (path / "config.json").is_file():
+            raise TeacherError(
+                f"teacher directory {path} has no config.json, so it is not a Hugging Face model. "
+                f"Fix: point at a directory written by save_pretrained (config.json + "
+                f"*.safetensors), or pass a model id such as 'Qwen/Qwen2.5-0.5B'."
+            )
+        return path
+    looks_like_path = (
+        name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or name == ""
+    )
+    if looks_like_path:
+        raise TeacherError(
+            f"teacher path {path} does not exist (relative paths start from {Path.cwd()}). "
+            f"Fix: check the path, or pass a Hugging Face model id like 'org/name'."
+        )
+    return None
+
+
+def _cached_snapshot(name: str, revision: str | None) -> Path | None:
+    """The local HF-cache snapshot directory of a hub model, without touching the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _weights_sha256(directory: Path | None) -> str | None:
+    """sha256 over (file name, sha256 of content) of the weight files, sorted by name.
+
+    The safetensors files if there are any (what transformers loads), else the *.bin files.
+    """
+    if directory is None:
+        return None
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if not files:
+        return None
+    total = hashlib.sha256()
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+        total.update(f"{file.name}\0{digest.hexdigest()}\n".encode())
+    return "sha256:" + total.hexdigest()
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise TeacherError(
+            f"unknown teacher dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}"
+        )
+    return _DTYPES[dtype]
+
+
+def _logit_transform(config: object) -> Callable[[Tensor], Tensor] | None:
+    """The elementwise map modelling code applies after the lm_head, read from the config."""
+    get_text = getattr(config, "get_text_config", None)
+    cfg = get_text() if callable(get_text) else config
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(z / cap)
+    scale = getattr(cfg, "logit_scale", None)  # Cohere: z * scale
+    divide = getattr(cfg, "logits_scaling", None)  # Granite: z / scaling
+    factor = 1.0
+    if isinstance(scale, (int, float)) and scale != 1:
+        factor *= float(scale)
+    if isinstance(divide, (int, float)) and divide != 1:
+        factor /= float(divide)
+    cap = float(softcap) if isinstance(softcap, (int, float)) and softcap > 0 else None
+    if cap is None and factor == 1.0:
+        return None
+
+    def transform(z: Tensor) -> Tensor:
+        if factor != 1.0:
+            z = z.mul_(factor)
+        if cap is not None:
+            z = z.div_(cap).tanh_().mul_(cap)
+        return z
+
+    return transform
+
+
+def _rel_err(a: Tensor, b: Tensor) -> float:
+    """max |a - b| relative to max |b| (a single number for a pass/fail check)."""
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))

@@ -1,0 +1,414 @@
+"""What the cache keeps of the teacher's distribution, computed on the device in one pass.
+
+`teacher_signals` starts from the final hidden states and the lm_head and walks the vocabulary
+in chunks: each chunk's logits are computed in the model's dtype and upcast to float32 alone,
+so neither the [N, V] logits nor their fp32 copy ever exist. Per row it keeps a running top-k
+merge, a running log-sum-exp (and one per extra temperature), a running log of the tail mass
+(every logit that has left the top-k is added to it, so the tail is a sum of what is in it and
+never `1 - sum(top-k)`, which cancels when the tail is tiny), the logit of the true next token,
+and `num_samples` independent draws from softmax(logits / sample_temperature), each kept as a
+one-item weighted reservoir that moves to a new chunk with that chunk's share of the mass.
+
+Top-k ties are broken by the lower token id: torch.topk picks among equal logits arbitrarily
+(on the CPU it differs from run to run of the same input), and a cache must not depend on that.
+The values always equal torch.topk's; the ids equal torch.topk's wherever there are no ties.
+
+`teacher_signals_from_logits` gives the same outputs from logits a model computed itself (for
+heads that are not a plain linear layer). `check_finite` is the one deliberate sync that turns
+NaN or inf into an error naming the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "NonFiniteError",
+    "TeacherSignals",
+    "check_finite",
+    "teacher_signals",
+    "teacher_signals_from_logits",
+]
+
+ChunkFn = Callable[[int, int, int, int], Tensor]
+"""(row_start, row_end, vocab_start, vocab_end) -> fresh float32 logits (rows, vocab) to consume."""
+
+
+class NonFiniteError(ValueError):
+    """The teacher produced NaN or inf (hidden states, or logits seen through their lse)."""
+
+
+@dataclass
+class TeacherSignals:
+    """What the cache stores about the teacher at N token positions (device tensors).
+
+    Shapes use N for positions, k for the top-k, m for extra temperatures, n for samples.
+    """
+
+    topk_ids: Tensor
+    """(N, k) int64: the teacher's k most likely ids, in rank order (ties: lower id first)."""
+    topk_logprobs: Tensor
+    """(N, k) float32: log-probabilities at `topk_ids`, non-increasing along k."""
+    lse: Tensor
+    """(N,) float32: log-sum-exp of the logits over the full vocabulary."""
+    log_tail: Tensor
+    """(N,) float32: log of the probability mass outside the top-k; -inf when k = V."""
+    label_logprob: Tensor
+    """(N,) float32: log-probability of the next token; NaN where there is none (label -1)."""
+    temp_lse: Tensor | None = None
+    """(N, m) float32: log-sum-exp of logits / T for each extra temperature T."""
+    sample_ids: Tensor | None = None
+    """(N, n) int64: distinct sampled ids, ascending; padding repeats the first id."""
+    sample_counts: Tensor | None = None
+    """(N, n) int32: draws that gave each id (sums to n per row); 0 marks padding."""
+    sample_logprobs: Tensor | None = None
+    """(N, n) float32: log-probabilities at T = 1 of `sample_ids`."""
+
+    @property
+    def num_rows(self) -> int:
+        return self.lse.shape[0]
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> TeacherSignals:
+        """The same signals on `device` (e.g. "cpu" before encoding)."""
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if getattr(self, f.name) is not None
+        }
+        return replace(self, **moved)
+
+    @staticmethod
+    def cat(parts: Sequence[TeacherSignals]) -> TeacherSignals:
+        """Concatenate signals of consecutive row blocks."""
+        if len(parts) == 1:
+            return parts[0]
+        joined = {}
+        for f in fields(TeacherSignals):
+            values = [getattr(p, f.name) for p in parts]
+            joined[f.name] = None if values[0] is None else torch.cat(values)
+        return TeacherSignals(**joined)
+
+
+def check_finite(x: Tensor, *, batch_index: int, name: str = "hidden states") -> None:
+    """Raise `NonFiniteError` naming `batch_index` if `x` holds NaN or +-inf.
+
+    Use it on the hidden states and on `TeacherSignals.lse`. A logit of -inf is legal (that
+    token has probability 0); the lse of a row is finite exactly when its logits are legal (no
+    NaN, no +inf, not all -inf), so checking the lse checks logits the chunked path never holds.
+    This syncs with the device once.
+    """
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):  # deliberate sync: one flag per batch
+        first = tuple(bad.nonzero()[0].tolist())
+        raise NonFiniteError(
+            f"batch {batch_index}: the teacher's {name} contain NaN or inf "
+            f"({int(bad.sum())} of {x.numel()} values; first at index {first} of shape "
+            f"{tuple(x.shape)}). Fix: a half-precision teacher may overflow, so rebuild with "
+            f"dtype float32; if it persists, check the teacher's weights and this batch's tokens."
+        )
+
+
+def teacher_signals(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    *,
+    k: int,
+    temperatures: Sequence[float] = (),
+    num_samples: int = 0,
+    sample_temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    vocab_chunk: int = 8192,
+    row_chunk: int = 4096,
+    logit_transform: Callable[[Tensor], Tensor] | None = None,
+) -> TeacherSignals:
+    """Teacher signals at N positions from hidden states (N, d) and an lm_head (V, d) [+ (V,)].
+
+    Logits are `hidden @ weight.T + bias` in the model's dtype, one (row_chunk, vocab_chunk)
+    block at a time, upcast to float32 per block, then `logit_transform` (an elementwise map
+    such as logit softcapping) if given. `labels` (N,) int64 holds the next token, -1 for none.
+    Samples come from `generator` (on the same device); for a fixed seed they also depend on
+    `vocab_chunk` and `row_chunk`, so keep those fixed for a reproducible cache.
+    """
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden (N, d) and weight (V, d) must share d: got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+    def chunk(r0: int, r1: int, s: int, e: int) -> Tensor:
+        b = None if bias is None else bias[s:e]
+        z = F.linear(hidden[r0:r1], weight[s:e], b).float()  # (r, c) model dtype -> fresh fp32
+        return z if logit_transform is None else logit_transform(z)
+
+    return _stream(
+        chunk,
+        hidden.shape[0],
+        weight.shape[0],
+        labels,
+        k=k,
+        temperatures=temperatures,
+        num_samples=num_samples,
+        sample_temperature=sample_temperature,
+        generator=generator,
+        vocab_chunk=vocab_chunk,
+        row_chunk=row_chunk,
+    )
+
+
+def teacher_signals_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    k: int,
+    temperatures: Sequence[float] = (),
+    num_samples: int = 0,
+    sample_temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    vocab_chunk: int = 8192,
+    row_chunk: int = 4096,
+) -> TeacherSignals:
+    """The same signals from logits (N, V) in any float dtype, which are left untouched.
+
+    Only one (row_chunk, vocab_chunk) block is upcast to float32 at a time. Equal logits give
+    bit-identical signals to `teacher_signals` (and the same samples for the same generator).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (N, V), got {tuple(logits.shape)}")
+
+    def chunk(r0: int, r1: int, s: int, e: int) -> Tensor:
+        block = logits[r0:r1, s:e]
+        return block.float() if block.dtype != torch.float32 else block.clone()
+
+    return _stream(
+        chunk,
+        logits.shape[0],
+        logits.shape[1],
+        labels,
+        k=k,
+        temperatures=temperatures,
+        num_samples=num_samples,
+        sample_temperature=sample_temperature,
+        generator=generator,
+        vocab_chunk=vocab_chunk,
+        row_chunk=row_chunk,
+    )
+
+
+def _stream(
+    chunk: ChunkFn,
+    num_rows: int,
+    vocab_size: int,
+    labels: Tensor,
+    *,
+    k: int,
+    temperatures: Sequence[float],
+    num_samples: int,
+    sample_temperature: float,
+    generator: torch.Generator | None,
+    vocab_chunk: int,
+    row_chunk: int,
+) -> TeacherSignals:
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"k must be in [1, V={vocab_size}], got {k}")
+    if any(not t > 0 for t in temperatures) or not sample_temperature > 0:
+        raise ValueError(
+            f"temperatures must be > 0, got {tuple(temperatures)}, {sample_temperature}"
+        )
+    if num_samples < 0 or vocab_chunk < 1 or row_chunk < 1:
+        raise ValueError("num_samples must be >= 0 and vocab_chunk, row_chunk >= 1")
+    if labels.shape != (num_rows,) or labels.dtype != torch.int64:
+        raise ValueError(
+            f"labels must be ({num_rows},) int64, got {tuple(labels.shape)} {labels.dtype}"
+        )
+    if num_rows and (int(labels.min()) < -1 or int(labels.max()) >= vocab_size):  # deliberate sync
+        raise ValueError(f"labels must be token ids in [0, {vocab_size}) or -1 for no next token")
+    parts = [
+        _stream_rows(
+            functools.partial(chunk, r0, min(r0 + row_chunk, num_rows)),
+            labels[r0 : r0 + row_chunk],
+            vocab_size,
+            k=k,
+            temperatures=tuple(temperatures),
+            num_samples=num_samples,
+            sample_temperature=sample_temperature,
+            generator=generator,
+            vocab_chunk=vocab_chunk,
+        )
+        for r0 in range(0, max(num_rows, 1), row_chunk)
+    ]
+    return TeacherSignals.cat(parts)
+
+
+def _stream_rows(
+    chunk: Callable[[int, int], Tensor],
+    labels: Tensor,
+    vocab_size: int,
+    *,
+    k: int,
+    temperatures: tuple[float, ...],
+    num_samples: int,
+    sample_temperature: float,
+    generator: torch.Generator | None,
+    vocab_chunk: int,
+) -> TeacherSignals:
+    """One block of r rows: a single walk over the vocabulary."""
+    r, dev, n = labels.shape[0], labels.device, num_samples
+    neg_inf = torch.full((r,), -torch.inf, device=dev)
+    top_v = torch.empty((r, 0), device=dev)  # (r, <=k) running top-k, ranked
+    top_i = torch.empty((r, 0), dtype=torch.int64, device=dev)
+    lse, tail = neg_inf, neg_inf  # (r,) running log-sum-exp of all / of non-top-k logits
+    temp_lse = [neg_inf] * len(temperatures)
+    label_logit = torch.full((r,), torch.nan, device=dev)
+    if n:
+        sample_lse = neg_inf  # (r,) running lse at the sample temperature
+        sample_ids = torch.zeros((r, n), dtype=torch.int64, device=dev)
+        sample_logit = torch.zeros((r, n), device=dev)
+
+    for s in range(0, vocab_size, vocab_chunk):
+        e = min(s + vocab_chunk, vocab_size)
+        z = chunk(s, e)  # (r, c) fp32, ours to overwrite
+        c = e - s
+
+        inside = (labels >= s) & (labels < e)
+        at = (labels - s).clamp(0, c - 1).unsqueeze(1)
+        label_logit = torch.where(inside, z.gather(1, at).squeeze(1), label_logit)
+        for j, t in enumerate(temperatures):
+            if t != 1.0:
+                temp_lse[j] = torch.logaddexp(temp_lse[j], torch.logsumexp(z / t, dim=1))
+        if n and sample_temperature != 1.0:
+            chunk_lse_s = torch.logsumexp(z / sample_temperature, dim=1)
+
+        kc = min(k, c)
+        cv, ci = z.topk(kc, dim=1)  # (r, kc) values descending; ties in any order
+        z.scatter_(1, ci, -torch.inf)  # z now holds the chunk's non-top-k logits
+        rest_max, rest_lse = _max_and_lse(z)
+        chunk_lse = torch.logaddexp(rest_lse, torch.logsumexp(cv, dim=1))
+        fixed = _lowest_ids_on_boundary_ties(z, cv, ci, rest_max) if kc < c else ci
+
+        if n:
+            z.scatter_(1, ci, cv)  # restore the chunk's logits
+            zs, cl = (
+                (z, chunk_lse)
+                if sample_temperature == 1.0
+                else (z / sample_temperature, chunk_lse_s)
+            )
+            ids, logit, sample_lse = _reservoir_step(zs, z, cl, sample_lse, n, generator)
+            moved = ids >= 0
+            sample_ids = torch.where(moved, ids + s, sample_ids)
+            sample_logit = torch.where(moved, logit, sample_logit)
+
+        lse = torch.logaddexp(lse, chunk_lse)
+        v, i = _rank(torch.cat([top_v, cv], 1), torch.cat([top_i, fixed + s], 1))
+        if v.shape[1] > k:  # candidates that fell out of the top-k join the tail
+            tail = torch.logaddexp(tail, torch.logsumexp(v[:, k:], dim=1))
+        tail = torch.logaddexp(tail, rest_lse)
+        top_v, top_i = v[:, :k], i[:, :k]
+
+    lse_col = lse.unsqueeze(1)
+    out = TeacherSignals(
+        topk_ids=top_i,
+        topk_logprobs=top_v - lse_col,
+        lse=lse,
+        log_tail=tail - lse,
+        label_logprob=label_logit - lse,
+        temp_lse=(
+            torch.stack(
+                [lse if t == 1.0 else x for t, x in zip(temperatures, temp_lse, strict=True)], 1
+            )
+            if temperatures
+            else None
+        ),
+    )
+    if n:
+        out.sample_ids, out.sample_counts, logit = _unique_counts(sample_ids, sample_logit)
+        out.sample_logprobs = logit - lse_col
+    return out
+
+
+def _max_and_lse(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(r,) row max and log-sum-exp of z (r, c); the max comes free with a stable lse."""
+    m = z.amax(dim=1)
+    shift = torch.where(torch.isfinite(m), m, 0.0)
+    return m, (z - shift.unsqueeze(1)).exp_().sum(dim=1).log_() + shift
+
+
+def _lowest_ids_on_boundary_ties(rest: Tensor, cv: Tensor, ci: Tensor, rest_max: Tensor) -> Tensor:
+    """Make the chunk's top-k ids take the lowest ids among logits tied with the k-th value.
+
+    `rest` (r, c) is the chunk with the chosen `ci` set to -inf. A row has a tie across the
+    boundary when something left out equals the k-th value. Only those rows are redone.
+    """
+    kth = cv[:, -1]
+    rows = (rest_max == kth).nonzero().squeeze(1)
+    if rows.numel() == 0:  # deliberate sync: the fix costs passes, so pay them only when needed
+        return ci
+    c, kc = rest.shape[1], cv.shape[1]
+    orig = rest[rows].scatter_(1, ci[rows], cv[rows])  # (t, c) the original logits of those rows
+    kth_t = kth[rows].unsqueeze(1)
+    pos = torch.arange(c, device=rest.device, dtype=torch.int32)
+    tied = torch.where(orig == kth_t, pos, c).topk(kc, dim=1, largest=False).values  # ascending
+    above = (cv[rows] > kth_t).sum(1, keepdim=True)  # these lead, as cv is descending
+    j = torch.arange(kc, device=rest.device).unsqueeze(0)
+    fixed = torch.where(j < above, ci[rows], tied.gather(1, (j - above).clamp(min=0)).long())
+    return ci.index_copy(0, rows, fixed)
+
+
+def _rank(v: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+    """Order candidates (r, m) by value descending, then id ascending (ids are distinct)."""
+    by_id = i.argsort(dim=1)
+    v, i = v.gather(1, by_id), i.gather(1, by_id)
+    by_value = v.sort(dim=1, descending=True, stable=True).indices
+    return v.gather(1, by_value), i.gather(1, by_value)
+
+
+def _reservoir_step(
+    zs: Tensor,
+    z: Tensor,
+    chunk_lse: Tensor,
+    seen_lse: Tensor,
+    n: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Move each of n slots into this chunk with probability (chunk mass / mass so far).
+
+    zs (r, c) are the chunk's logits at the sample temperature and `chunk_lse` their lse; `z`
+    the T = 1 logits. Returns (local id or -1 if the slot stays, T = 1 logit, new seen lse).
+    A slot that ends in this chunk holds token i with probability p_i overall.
+    """
+    new_lse = torch.logaddexp(seen_lse, chunk_lse)
+    p_move = torch.exp(chunk_lse - new_lse).unsqueeze(1)  # (r, 1)
+    dead = ~torch.isfinite(chunk_lse)  # no mass here (or NaN/inf, which check_finite reports)
+    shift = torch.where(dead, 0.0, chunk_lse).unsqueeze(1)
+    probs = (zs - shift).exp_().masked_fill_(dead.unsqueeze(1), 1.0)  # (r, c)
+    draw = torch.multinomial(probs, n, replacement=True, generator=generator)  # (r, n)
+    u = torch.rand(draw.shape, device=z.device, generator=generator)
+    moved = u < p_move
+    return torch.where(moved, draw, -1), z.gather(1, draw), new_lse
+
+
+def _unique_counts(ids: Tensor, logit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: distinct ids (ascending), their counts, their logits; padded with count 0."""
+    ids, order = ids.sort(dim=1)
+    logit = logit.gather(1, order)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    group = first.long().cumsum(1) - 1  # (r, n) slot of each draw's distinct id
+    counts = torch.zeros_like(ids, dtype=torch.int32).scatter_add_(
+        1, group, torch.ones_like(ids, dtype=torch.int32)
+    )
+    uniq = torch.zeros_like(ids).scatter_(1, group, ids)  # equal ids write equal values
+    ulogit = torch.zeros_like(logit).scatter_(1, group, logit)
+    pad = counts == 0
+    uniq = torch.where(pad, uniq[:, :1], uniq)  # padding repeats a real (id, logit) pair
+    ulogit = torch.where(pad, ulogit[:, :1], ulogit)
+    return uniq, counts, ulogit

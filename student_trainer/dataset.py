@@ -1,0 +1,133 @@
+"""Shards -> sequences, streamed: shuffled, deterministic, split across ranks and workers.
+
+Order of one epoch, all from `seed + epoch`:
+1. the shard list is permuted;
+2. shards are dealt round-robin to the (rank, DataLoader worker) slots;
+3. each slot reads its shards one at a time and passes their sequences through a shuffle
+   buffer of `buffer_sequences`.
+Memory holds one shard's records plus the buffer, whatever the size of the cache. A corrupt
+shard stops the stream with the shard named, or is counted and skipped with `skip_bad_shards`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from schemas.cache import Cache, open_cache
+from schemas.errors import CacheCorruptError, CacheNotFoundError
+from schemas.record import ShardRecords
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One cached sequence: its per-token records, as numpy arrays of length n."""
+
+    arrays: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.arrays["input_ids"].shape[0])
+
+
+class ShardStream(IterableDataset):
+    """Sequences of a cache for one epoch. Set `epoch` before each pass."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        buffer_sequences: int = 1024,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_bad_shards: bool = False,
+        storage_options: dict | None = None,
+    ) -> None:
+        self.url, self.seed, self.shuffle = url, seed, shuffle
+        self.buffer_sequences = buffer_sequences
+        self.rank, self.world_size = rank, world_size
+        self.skip_bad_shards = skip_bad_shards
+        self.storage_options = storage_options or {}
+        self.epoch = 0
+        self.bad_shards: list[str] = []
+
+    def cache(self) -> Cache:
+        return open_cache(self.url, require_complete=True, **self.storage_options)
+
+    def shard_order(self, cache: Cache) -> list[int]:
+        """This slot's shards for the current epoch, in reading order."""
+        order = np.arange(len(cache.shards))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+        worker = get_worker_info()
+        workers, wid = (worker.num_workers, worker.id) if worker else (1, 0)
+        slots, slot = self.world_size * workers, self.rank * workers + wid
+        return [int(i) for i in order[slot::slots]]
+
+    def __iter__(self) -> Iterator[Sequence]:
+        cache = self.cache()
+        worker = get_worker_info()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker.id if worker else 0])
+        buffer: list[Sequence] = []
+        for index in self.shard_order(cache):
+            records = self._read(cache, index)
+            if records is None:
+                continue
+            for seq in _sequences(records):
+                if not self.shuffle:
+                    yield seq
+                    continue
+                if len(buffer) < self.buffer_sequences:
+                    buffer.append(seq)
+                    continue
+                pick = int(rng.integers(len(buffer)))
+                yield buffer[pick]
+                buffer[pick] = seq
+        if self.shuffle:
+            for pick in rng.permutation(len(buffer)):
+                yield buffer[int(pick)]
+
+    def _read(self, cache: Cache, index: int) -> ShardRecords | None:
+        try:
+            return cache.read_shard(index)
+        except (CacheCorruptError, CacheNotFoundError) as exc:
+            if not self.skip_bad_shards:
+                raise type(exc)(
+                    exc.message,
+                    hint=(exc.hint or "") + "; or pass --skip-bad-shards to train on without it",
+                ) from None
+            self.bad_shards.append(cache.shards[index].name)
+            return None
+
+
+def _sequences(records: ShardRecords) -> Iterator[Sequence]:
+    arrays = {f.name: v for f, v in records.arrays() if f.dims[0] == "tokens"}
+    offsets = records.seq_offsets
+    for s in range(records.num_sequences):
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        if hi - lo >= 2:  # a one-token sequence has no next token to learn
+            yield Sequence({name: v[lo:hi] for name, v in arrays.items()})
+
+
+def batches(sequences: Iterator[Sequence], batch_tokens: int) -> Iterator[list[Sequence]]:
+    """Group sequences into batches of about `batch_tokens` tokens (at least one sequence)."""
+    held: list[Sequence] = []
+    tokens = 0
+    for seq in sequences:
+        if held and tokens + len(seq) > batch_tokens:
+            yield held
+            held, tokens = [], 0
+        held.append(seq)
+        tokens += len(seq)
+    if held:
+        yield held
+
+
+def worker_seed(worker_id: int) -> None:
+    """DataLoader worker_init_fn: torch's own RNG is not used by the stream, numpy's is seeded per slot."""
+    torch.manual_seed(torch.initial_seed() % 2**31 + worker_id)

@@ -1,0 +1,111 @@
+"""Loading the student and checking it can learn from the cache (same tokenizer, enough vocab)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from schemas.cache import Cache
+from schemas.errors import ConfigError, IncompatibleCacheError
+from schemas.fingerprint import tokenizer_fingerprint, vocab_extends
+from student_trainer.config import TrainConfig
+
+
+def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str]:
+    """(model, tokenizer, description) for the student `cfg` names, checked against `cache`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.student is not None:
+        path = cfg.student
+        if not Path(path).exists() and "/" not in path:
+            raise ConfigError(f"--student {path!r} is neither a directory nor a hub id", hint="point it at a save_pretrained directory")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok_source = cfg.tokenizer or path
+        what = f"student {path}"
+    else:
+        config_path = cfg.student_config or str(_default_student_config())
+        try:
+            data = json.loads(Path(config_path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--student-config {config_path}: cannot read a JSON config ({exc})") from None
+        config = AutoConfig.for_model(**data)
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tok_source = cfg.tokenizer or cache.tokenizer_path()
+        what = f"fresh student from {config_path}" + (" (the embedded default)" if cfg.student_config is None else "")
+        if tok_source is None:
+            raise ConfigError("the cache holds no tokenizer copy and no --tokenizer was given", hint="pass --tokenizer PATH")
+    tokenizer = AutoTokenizer.from_pretrained(_local(tok_source, cache))
+    check_tokenizer(tokenizer, cache, cfg.allow_vocab_extension)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab < cache.layout.vocab_size:
+        raise IncompatibleCacheError(
+            f"the student's output vocabulary ({vocab}) is smaller than the teacher's ({cache.layout.vocab_size}) in {cache.url}",
+            hint="resize the student's embeddings (model.resize_token_embeddings) to at least the teacher's size",
+        )
+    return model, tokenizer, what
+
+
+def check_tokenizer(tokenizer: object, cache: Cache, allow_extension: bool) -> None:
+    """Refuse a student whose tokenizer maps text to other ids than the teacher's did."""
+    expected = cache.manifest.tokenizer
+    got = tokenizer_fingerprint(tokenizer)  # type: ignore[arg-type]
+    if got == expected.fingerprint:
+        return
+    if allow_extension and cache.tokenizer_path():
+        from transformers import AutoTokenizer
+
+        base = AutoTokenizer.from_pretrained(_local(cache.tokenizer_path(), cache))
+        if vocab_extends(base.get_vocab(), tokenizer.get_vocab()):  # type: ignore[attr-defined]
+            return
+    raise IncompatibleCacheError(
+        f"the student's tokenizer ({getattr(tokenizer, 'name_or_path', '?')}, {got[:19]}) differs from the "
+        f"cache's ({expected.name_or_path}, {expected.fingerprint[:19]})",
+        hint="use a student with the teacher's tokenizer, or --allow-vocab-extension if it only adds tokens",
+    )
+
+
+def _local(path: str, cache: Cache) -> str:
+    """A local directory for `path`, downloading the cache's tokenizer copy from remote storage."""
+    from schemas.storage import is_local
+
+    if is_local(cache.fs) or not path.startswith(cache.root):
+        return path
+    import tempfile
+
+    target = tempfile.mkdtemp(prefix="kdcache-tokenizer-")
+    cache.fs.get(path.rstrip("/") + "/", target + "/", recursive=True)
+    return target
+
+
+def _default_student_config() -> Path:
+    from student_trainer.default import DEFAULT_STUDENT_CONFIG
+
+    return DEFAULT_STUDENT_CONFIG
+
+
+class HiddenAndHead(nn.Module):
+    """The student as the losses need it: final hidden states and the lm_head, not logits.
+
+    Wrapping this (not the HF model) in DDP keeps gradient sync working while the logits are
+    never materialised: DDP only needs its forward to be the one that runs.
+    """
+
+    def __init__(self, model: nn.Module, aux_head: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        head = model.get_output_embeddings()
+        self.aux = nn.Linear(head.in_features, head.out_features, bias=False) if aux_head else None
+        if self.aux is not None:
+            with torch.no_grad():
+                self.aux.weight.copy_(head.weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor):
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, d)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (N, d)
+        head = self.model.get_output_embeddings()
+        aux = None if self.aux is None else self.aux.weight
+        return h, head.weight, head.bias, aux
