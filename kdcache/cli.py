@@ -54,7 +54,12 @@ def main() -> None:
 @main.command()
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option("--sample-tokens", default=20_000, show_default=True, help="Tokens read for the teacher statistics.")
+@click.option(
+    "--sample-tokens",
+    default=20_000,
+    show_default=True,
+    help="Tokens read for the teacher statistics.",
+)
 @friendly_errors
 def inspect(cache: str, as_json: bool, sample_tokens: int) -> None:
     """Show what CACHE holds: teacher, tokenizer, data, k, encodings, sizes, teacher statistics."""
@@ -117,7 +122,9 @@ def _floats(text: str | None) -> tuple[float, ...]:
     try:
         return tuple(float(t) for t in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers like 2,4; got {text!r}") from None
+        raise click.BadParameter(
+            f"expected comma-separated numbers like 2,4; got {text!r}"
+        ) from None
 
 
 def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -131,31 +138,115 @@ def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @main.command()
-@click.option("--teacher", help="Teacher: a Hugging Face causal LM directory or hub id. Default: the embedded teacher.")
-@click.option("--dataset", help="jsonl/json/parquet/csv/txt files or globs, a save_to_disk directory, or a hub id. Default: the embedded corpus.")
-@click.option("--out", required=True, help="Where the cache goes: a directory or an fsspec URL (s3://bucket/cache).")
+@click.option(
+    "--teacher",
+    help="Teacher: a Hugging Face causal LM directory or hub id. Default: the embedded teacher.",
+)
+@click.option(
+    "--dataset",
+    help="jsonl/json/parquet/csv/txt files or globs, a save_to_disk directory, or a hub id. Default: the embedded corpus.",
+)
+@click.option(
+    "--out",
+    required=True,
+    help="Where the cache goes: a directory or an fsspec URL (s3://bucket/cache).",
+)
 @click.option("--revision", help="Git revision of a hub teacher.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="Teacher dtype (auto: bf16 on GPU, fp32 on CPU).")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    help="Teacher dtype (auto: bf16 on GPU, fp32 on CPU).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--attn-implementation", help="sdpa, eager, flash_attention_2, flex_attention (default: the model's).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the teacher's own modelling code to run.")
+@click.option(
+    "--attn-implementation",
+    help="sdpa, eager, flash_attention_2, flex_attention (default: the model's).",
+)
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Allow the teacher's own modelling code to run."
+)
 @click.option("--split", default="train", show_default=True, help="Dataset split.")
-@click.option("--text-field", default="text", show_default=True, help="Column with the text (an input_ids column is used as is).")
-@click.option("--chat-template", is_flag=True, help="Render a `messages` column with the tokenizer's chat template.")
-@click.option("--max-length", default=2048, show_default=True, help="Tokens per packed row; longer documents are windowed, shorter ones packed without cross-attention.")
-@click.option("--top-k", default=64, show_default=True, help="Teacher's most likely next tokens kept per position.")
-@click.option("--samples", default=0, show_default=True, help="Tokens drawn per position from the teacher, for sampled-logit losses (rskd).")
-@click.option("--sample-temperature", default=1.0, show_default=True, help="Temperature the samples are drawn at.")
-@click.option("--temperatures", help="Also store log-sum-exp(logits/T) for these T, e.g. 2,4 (exact KD tails at T != 1).")
-@click.option("--value-encoding", help="How log-probs are stored (float32, float16, bfloat16, q8, ...). Default: per vocabulary.")
-@click.option("--id-encoding", help="How top-k ids are stored (uint16, uint32, ...). Default: per vocabulary.")
-@click.option("--format", "fmt", default="zarr", show_default=True, type=click.Choice(["zarr", "arrow"]), help="zarr: sharded arrays (object stores); arrow: IPC files (pyarrow, DuckDB, datasets).")
-@click.option("--shard-tokens", default=1 << 20, show_default=True, help="Tokens per shard: the unit of commit, resume and shuffling.")
-@click.option("--batch-tokens", default=16384, show_default=True, help="Tokens per teacher forward.")
-@click.option("--vocab-chunk", default=16384, show_default=True, help="Vocabulary columns per step of the top-k pass (memory vs speed).")
+@click.option(
+    "--text-field",
+    default="text",
+    show_default=True,
+    help="Column with the text (an input_ids column is used as is).",
+)
+@click.option(
+    "--chat-template",
+    is_flag=True,
+    help="Render a `messages` column with the tokenizer's chat template.",
+)
+@click.option(
+    "--max-length",
+    default=2048,
+    show_default=True,
+    help="Tokens per packed row; longer documents are windowed, shorter ones packed without cross-attention.",
+)
+@click.option(
+    "--top-k",
+    default=64,
+    show_default=True,
+    help="Teacher's most likely next tokens kept per position.",
+)
+@click.option(
+    "--samples",
+    default=0,
+    show_default=True,
+    help="Tokens drawn per position from the teacher, for sampled-logit losses (rskd).",
+)
+@click.option(
+    "--sample-temperature",
+    default=1.0,
+    show_default=True,
+    help="Temperature the samples are drawn at.",
+)
+@click.option(
+    "--temperatures",
+    help="Also store log-sum-exp(logits/T) for these T, e.g. 2,4 (exact KD tails at T != 1).",
+)
+@click.option(
+    "--value-encoding",
+    help="How log-probs are stored (float32, float16, bfloat16, q8, ...). Default: per vocabulary.",
+)
+@click.option(
+    "--id-encoding", help="How top-k ids are stored (uint16, uint32, ...). Default: per vocabulary."
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="zarr",
+    show_default=True,
+    type=click.Choice(["zarr", "arrow"]),
+    help="zarr: sharded arrays (object stores); arrow: IPC files (pyarrow, DuckDB, datasets).",
+)
+@click.option(
+    "--shard-tokens",
+    default=1 << 20,
+    show_default=True,
+    help="Tokens per shard: the unit of commit, resume and shuffling.",
+)
+@click.option(
+    "--batch-tokens", default=16384, show_default=True, help="Tokens per teacher forward."
+)
+@click.option(
+    "--vocab-chunk",
+    default=16384,
+    show_default=True,
+    help="Vocabulary columns per step of the top-k pass (memory vs speed).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seeds the sampled tokens.")
-@click.option("--overwrite", is_flag=True, help="Replace a cache at --out made with other settings.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with tokens/s and ETA.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace a cache at --out made with other settings."
+)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Progress bar with tokens/s and ETA.",
+)
 @friendly_errors
 def build(**opts: Any) -> None:
     """Run a teacher over a dataset once and cache its top-k distribution per token.
@@ -175,15 +266,31 @@ def build(**opts: Any) -> None:
     from cache_builder import build as run_build
 
     cfg = BuildConfig(
-        out=opts["out"], teacher=opts["teacher"], revision=opts["revision"], dtype=opts["dtype"],
-        device=opts["device"], attn_implementation=opts["attn_implementation"],
-        trust_remote_code=opts["trust_remote_code"], dataset=opts["dataset"], split=opts["split"],
-        text_field=opts["text_field"], chat_template=opts["chat_template"], max_length=opts["max_length"],
-        top_k=opts["top_k"], samples=opts["samples"], sample_temperature=opts["sample_temperature"],
-        temperatures=_floats(opts["temperatures"]), value_encoding=opts["value_encoding"],
-        id_encoding=opts["id_encoding"], format=opts["fmt"], shard_tokens=opts["shard_tokens"],
-        batch_tokens=opts["batch_tokens"], vocab_chunk=opts["vocab_chunk"], seed=opts["seed"],
-        overwrite=opts["overwrite"], progress=opts["progress"],
+        out=opts["out"],
+        teacher=opts["teacher"],
+        revision=opts["revision"],
+        dtype=opts["dtype"],
+        device=opts["device"],
+        attn_implementation=opts["attn_implementation"],
+        trust_remote_code=opts["trust_remote_code"],
+        dataset=opts["dataset"],
+        split=opts["split"],
+        text_field=opts["text_field"],
+        chat_template=opts["chat_template"],
+        max_length=opts["max_length"],
+        top_k=opts["top_k"],
+        samples=opts["samples"],
+        sample_temperature=opts["sample_temperature"],
+        temperatures=_floats(opts["temperatures"]),
+        value_encoding=opts["value_encoding"],
+        id_encoding=opts["id_encoding"],
+        format=opts["fmt"],
+        shard_tokens=opts["shard_tokens"],
+        batch_tokens=opts["batch_tokens"],
+        vocab_chunk=opts["vocab_chunk"],
+        seed=opts["seed"],
+        overwrite=opts["overwrite"],
+        progress=opts["progress"],
     )
     click.echo(run_build(cfg).summary())
 
@@ -222,34 +329,81 @@ class _LazyChoice(click.Choice):
 
 @main.command(cls=_TrainCommand)
 @click.option("--cache", required=True, help="The teacher cache (directory or fsspec URL).")
-@click.option("--out", required=True, help="Directory for the student, checkpoints, metrics.jsonl and loss_curve.png.")
+@click.option(
+    "--out",
+    required=True,
+    help="Directory for the student, checkpoints, metrics.jsonl and loss_curve.png.",
+)
 @click.option("--student", help="Student to start from: a causal LM directory or hub id.")
-@click.option("--student-config", help="JSON model config for a fresh student (default: the embedded small student).")
-@click.option("--tokenizer", help="Student tokenizer (default: the student's own, else the cache's copy).")
-@click.option("--allow-vocab-extension", is_flag=True, help="Accept a student tokenizer that extends the teacher's.")
-@click.option("--loss", default="fkl", show_default=True, type=_LazyChoice(), help="Distillation loss (listed below).")
-@click.option("--loss-option", "loss_option", multiple=True, help="key=value for the loss, repeatable.")
-@click.option("--ce-weight", default=0.0, show_default=True, help="Weight of next-token cross-entropy mixed in.")
-@click.option("--temperature", type=float, help="Distillation temperature (default: the loss's own).")
-@click.option("--z-loss", default=0.0, show_default=True, help="PaLM z-loss coefficient (e.g. 1e-4).")
+@click.option(
+    "--student-config",
+    help="JSON model config for a fresh student (default: the embedded small student).",
+)
+@click.option(
+    "--tokenizer", help="Student tokenizer (default: the student's own, else the cache's copy)."
+)
+@click.option(
+    "--allow-vocab-extension",
+    is_flag=True,
+    help="Accept a student tokenizer that extends the teacher's.",
+)
+@click.option(
+    "--loss",
+    default="fkl",
+    show_default=True,
+    type=_LazyChoice(),
+    help="Distillation loss (listed below).",
+)
+@click.option(
+    "--loss-option", "loss_option", multiple=True, help="key=value for the loss, repeatable."
+)
+@click.option(
+    "--ce-weight",
+    default=0.0,
+    show_default=True,
+    help="Weight of next-token cross-entropy mixed in.",
+)
+@click.option(
+    "--temperature", type=float, help="Distillation temperature (default: the loss's own)."
+)
+@click.option(
+    "--z-loss", default=0.0, show_default=True, help="PaLM z-loss coefficient (e.g. 1e-4)."
+)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--weight-decay", default=0.01, show_default=True)
 @click.option("--warmup-steps", default=20, show_default=True)
 @click.option("--max-steps", type=int, help="Optimizer steps (default: --epochs over the cache).")
 @click.option("--epochs", default=1.0, show_default=True)
 @click.option("--batch-tokens", default=8192, show_default=True, help="Tokens per micro-batch.")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option(
+    "--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step."
+)
 @click.option("--clip", default=1.0, show_default=True, help="Gradient-norm clip (0: off).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--shuffle-buffer", default=1024, show_default=True, help="Sequences held for shuffling.")
-@click.option("--num-workers", default=0, show_default=True, help="DataLoader workers decoding shards.")
-@click.option("--checkpoint-every", default=0, show_default=True, help="Save a resumable checkpoint every N steps.")
+@click.option(
+    "--shuffle-buffer", default=1024, show_default=True, help="Sequences held for shuffling."
+)
+@click.option(
+    "--num-workers", default=0, show_default=True, help="DataLoader workers decoding shards."
+)
+@click.option(
+    "--checkpoint-every",
+    default=0,
+    show_default=True,
+    help="Save a resumable checkpoint every N steps.",
+)
 @click.option("--resume", is_flag=True, help="Continue exactly from the checkpoint in --out.")
-@click.option("--eval-cache", help="Held-out cache: student CE, KL to teacher top-k, top-1 agreement.")
-@click.option("--eval-every", default=0, show_default=True, help="Evaluate every N steps (0: at the end).")
+@click.option(
+    "--eval-cache", help="Held-out cache: student CE, KL to teacher top-k, top-1 agreement."
+)
+@click.option(
+    "--eval-every", default=0, show_default=True, help="Evaluate every N steps (0: at the end)."
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on with CUDA).")
-@click.option("--skip-bad-shards", is_flag=True, help="Count and skip shards that fail their checksum.")
+@click.option(
+    "--skip-bad-shards", is_flag=True, help="Count and skip shards that fail their checksum."
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
 def train(**opts: Any) -> None:
@@ -269,8 +423,12 @@ def train(**opts: Any) -> None:
 
 
 @main.command()
-@click.option("--out", default="demo_out", show_default=True, help="Working directory for the demo.")
-@click.option("--steps", default=None, type=int, help="Training steps per student (default: the demo's own).")
+@click.option(
+    "--out", default="demo_out", show_default=True, help="Working directory for the demo."
+)
+@click.option(
+    "--steps", default=None, type=int, help="Training steps per student (default: the demo's own)."
+)
 @friendly_errors
 def demo(out: str, steps: int | None) -> None:
     """Both stages end to end on the embedded teacher and corpus, offline, on CPU."""

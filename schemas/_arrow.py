@@ -26,9 +26,14 @@ _ZSTD_LEVEL = 3
 
 def arrow_schema(layout: Layout, encoding: TopkEncoding, identity: dict[str, Any]) -> pa.Schema:
     """The Arrow schema of a shard: derived from the record table and the encoding."""
-    fields = [pa.field(name, pa.from_numpy_dtype(np.dtype(dt))) for name, dt in _columns.sequence_columns().items()]
+    fields = [
+        pa.field(name, pa.from_numpy_dtype(np.dtype(dt)))
+        for name, dt in _columns.sequence_columns().items()
+    ]
     for col in _columns.token_columns(layout, encoding).values():
-        fields.append(pa.field(col.name, pa.list_(_token_type(col)), metadata={"meaning": col.meaning}))
+        fields.append(
+            pa.field(col.name, pa.list_(_token_type(col)), metadata={"meaning": col.meaning})
+        )
     return pa.schema(fields, metadata={IDENTITY_KEY: json.dumps(identity, sort_keys=True)})
 
 
@@ -98,12 +103,12 @@ class ArrowShardReader(ShardReader):
 
     def _decode(self, table: pa.Table) -> ShardRecords:
         cols = _columns.token_columns(self.layout, self.encoding)
-        lengths = pa.compute.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+        lengths = pa.compute.list_value_length(table.column("input_ids")).to_numpy(
+            zero_copy_only=False
+        )
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        sequences = {
-            name: table.column(name).to_numpy() for name in _columns.sequence_columns()
-        }
+        sequences = {name: table.column(name).to_numpy() for name in _columns.sequence_columns()}
         columns = {name: _flatten(table.column(name), col) for name, col in cols.items()}
         return _columns.decode(columns, sequences, offsets, self.layout, self.encoding)
 

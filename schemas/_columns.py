@@ -43,7 +43,11 @@ def encode(records: ShardRecords, layout: Layout, encoding: TopkEncoding) -> dic
         if name in out:
             continue
         value = getattr(records, name)
-        if name in _ID_FIELDS and value.size and (value.min() < 0 or value.max() >= layout.vocab_size):
+        if (
+            name in _ID_FIELDS
+            and value.size
+            and (value.min() < 0 or value.max() >= layout.vocab_size)
+        ):
             raise ValueError(f"{name} holds ids outside [0, {layout.vocab_size})")
         out[name] = np.ascontiguousarray(value, dtype=col.dtype)
     return out

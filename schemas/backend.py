@@ -53,7 +53,9 @@ class ShardWriter(ABC):
         self.layout, self.encoding = layout, encoding
         self.identity = {**identity, "shard_index": index}
         self.name = shard_name(index, self.suffix)
-        self.tmp_path = join(root, SHARD_DIR, f".tmp-{index:06d}-{uuid.uuid4().hex[:8]}{self.suffix}")
+        self.tmp_path = join(
+            root, SHARD_DIR, f".tmp-{index:06d}-{uuid.uuid4().hex[:8]}{self.suffix}"
+        )
         self.num_tokens = 0
         self.num_sequences = 0
         self._done = False
@@ -106,7 +108,7 @@ class ShardWriter(ABC):
     @abstractmethod
     def _close(self) -> None: ...
 
-    def _discard(self) -> None:
+    def _discard(self) -> None:  # noqa: B027 - optional hook, most backends hold no handle
         """Drop open handles before an abort removes the temporary files."""
 
     @abstractmethod

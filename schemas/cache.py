@@ -66,7 +66,9 @@ class Cache:
 
     def reader(self, shard: ShardInfo | int, *, verify: bool = True) -> ShardReader:
         info = self.shards[shard] if isinstance(shard, int) else shard
-        return self.backend.reader(self.fs, self.root, info, self.layout, self.encoding, verify=verify)
+        return self.backend.reader(
+            self.fs, self.root, info, self.layout, self.encoding, verify=verify
+        )
 
     def read_shard(self, shard: ShardInfo | int, *, verify: bool = True) -> ShardRecords:
         return self.reader(shard, verify=verify).read()
@@ -121,10 +123,20 @@ class CacheWriter:
     (rank 0) that rewrites the manifest; every rank writes and commits its own shards.
     """
 
-    def __init__(self, url: str, draft: Manifest, *, overwrite: bool = False, owner: bool = True, **storage_options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        draft: Manifest,
+        *,
+        overwrite: bool = False,
+        owner: bool = True,
+        **storage_options: Any,
+    ) -> None:
         self.url, self.owner = url, owner
         self.fs, self.root = resolve(url, **storage_options)
-        self.draft = dataclasses.replace(draft, shards=(), status="building", schema_version=FORMAT_VERSION)
+        self.draft = dataclasses.replace(
+            draft, shards=(), status="building", schema_version=FORMAT_VERSION
+        )
         self.backend = BACKENDS[draft.format]
         self.encoding = TopkEncoding.from_json(draft.encoding)
         self.existing = self._existing(overwrite)
@@ -167,7 +179,9 @@ class CacheWriter:
 
     def shard_writer(self, index: int) -> ShardWriter:
         identity = {"format_version": FORMAT_VERSION, "cache_fingerprint": self.draft.fingerprint}
-        return self.backend.writer(self.fs, self.root, index, self.draft.layout, self.encoding, identity)
+        return self.backend.writer(
+            self.fs, self.root, index, self.draft.layout, self.encoding, identity
+        )
 
     def commit(self, info: ShardInfo) -> None:
         """Make a finished shard part of the cache."""

@@ -18,13 +18,15 @@ Value encodings (log-probabilities; decoded values are <= 0 and non-increasing a
 
 - ``float32``: exact.
 - ``float16``: IEEE half precision, relative error <= 2^-11.
-- ``bfloat16``: bfloat16 bit patterns in a uint16 column, relative error <= 2^-8.
-- ``q8``: 8-bit codes of the distance below the row's top-1 (kept exactly in float32), uniform
-  steps of 1/16 nat over 15.97 nats; stored as differences along k, which compress well.
-- ``q8c``: as q8 but companded: steps of 1/32 nat at the top-1, growing linearly with the
-  distance (1/32 * (1 + x / 2 nats)); finer where the probability mass is, coarser in the tail.
-- ``q8c-coarse``: companded with steps of 1/8 nat at the top-1 growing as 1/8 * (1 + x / 1 nat):
-  the smallest value stream that still keeps the top-k KL well below 1e-3 nats.
+- ``bfloat16``: bfloat16 (round to nearest even), relative error <= 2^-8.
+- ``q8``: 8-bit codes of the distance x below the row's top-1 (the top-1 itself is kept exactly,
+  in float32), uniform steps of 1/16 nat over 15.97 nats.
+- ``q8c``: companded 8-bit codes: steps of 1/32 nat at the top-1 growing as 1/32 * (1 + x / 2),
+  fine where the probability mass is and coarse in the tail.
+- ``q8c-coarse``: companded, steps of 1/16 * (1 + x / 2): the smallest value stream measured.
+
+float16 and bfloat16 store their bit patterns, and the q formats their codes, as differences
+along k (the values are sorted, so these are small); decoding is a cumulative sum.
 """
 
 from __future__ import annotations
@@ -99,14 +101,16 @@ class _Quantizer:
 _QUANTIZERS: dict[str, _Quantizer] = {
     "q8": _Quantizer(step=1 / 16, knee=math.inf),
     "q8c": _Quantizer(step=1 / 32, knee=2.0),
-    "q8c-coarse": _Quantizer(step=1 / 8, knee=1.0),
+    "q8c-coarse": _Quantizer(step=1 / 16, knee=2.0),
 }
 
 VALUE_ENCODINGS: tuple[str, ...] = (*_FLOAT_VALUES, *_QUANTIZERS)
 """Valid `TopkEncoding.values` names."""
 
 BOUND_RANGE = 32.0
-"""Float formats state `max_abs_error` for log-probs >= -BOUND_RANGE (probabilities >= 1.3e-14)."""
+"""`max_abs_error` covers log-probs >= -BOUND_RANGE for the float formats, and log-probs within
+BOUND_RANGE nats of the top-1 for the q formats (or their clipping range, if smaller): below
+that a probability is < 1.3e-14 (of the top-1's), too small to matter to any loss."""
 
 _F16_MAX = 65504.0
 _BF16_MAX = float(np.array(0x7F7F0000, dtype=np.uint32).view(np.float32))
@@ -169,17 +173,21 @@ class TopkEncoding:
                     "topk_id_lehmer",
                     "uint8" if k <= 256 else "uint16",
                     (k,),
-                    "noshuffle",
+                    "bitshuffle",
                     "rank order as a Lehmer code relative to id order",
                 ),
             ]
         if self.values == "float32":
             cols.append(Column("topk_logprobs", "float32", (k,), "shuffle", "log-probs"))
-        elif self.values == "float16":
-            cols.append(Column("topk_logprobs", "float16", (k,), "shuffle", "log-probs"))
-        elif self.values == "bfloat16":
+        elif self.values in ("float16", "bfloat16"):
             cols.append(
-                Column("topk_logprobs_bf16", "uint16", (k,), "shuffle", "bfloat16 log-prob bits")
+                Column(
+                    f"topk_logprob_{self.values}_bits",
+                    "uint16",
+                    (k,),
+                    "shuffle",
+                    f"{self.values} bit patterns of the log-probs, differenced along k",
+                )
             )
         else:
             cols += [
@@ -188,7 +196,7 @@ class TopkEncoding:
                     "topk_logprob_codes",
                     "uint8",
                     (k,),
-                    "noshuffle",
+                    "bitshuffle",
                     f"{self.values} codes of the distance below the top-1, differenced along k",
                 ),
             ]
@@ -209,7 +217,9 @@ class TopkEncoding:
         n, k = ids.shape
         cols = self.columns(k, vocab_size)
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"top-k ids must lie in [0, {vocab_size}); got {ids.min()}..{ids.max()}")
+            raise ValueError(
+                f"top-k ids must lie in [0, {vocab_size}); got {ids.min()}..{ids.max()}"
+            )
         out: dict[str, np.ndarray] = {}
         if self.ids == "sorted":
             order = np.argsort(ids, axis=1, kind="stable")  # (N, k) rank at each sorted slot
@@ -229,11 +239,14 @@ class TopkEncoding:
         if self.values == "float32":
             return {"topk_logprobs": lp}
         if self.values == "float16":
-            return {"topk_logprobs": np.maximum(lp, -_F16_MAX).astype(np.float16)}
-        if self.values == "bfloat16":
-            bits = np.maximum(lp, -_BF16_MAX).view(np.uint32)
-            rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-            return {"topk_logprobs_bf16": (rounded >> np.uint32(16)).astype(np.uint16)}
+            bits = np.maximum(lp, -_F16_MAX).astype(np.float16).view(np.uint16)
+        elif self.values == "bfloat16":
+            b32 = np.maximum(lp, -_BF16_MAX).view(np.uint32)
+            b32 = b32 + np.uint32(0x7FFF) + ((b32 >> np.uint32(16)) & np.uint32(1))
+            bits = (b32 >> np.uint32(16)).astype(np.uint16)
+        if self.values in ("float16", "bfloat16"):  # wrapping differences: exact both ways
+            name = f"topk_logprob_{self.values}_bits"
+            return {name: np.diff(bits, axis=1, prepend=np.zeros_like(bits[:, :1]))}
         q = _QUANTIZERS[self.values]
         top1 = lp[:, :1]
         x = np.maximum(top1.astype(np.float64) - lp, 0.0)
@@ -256,11 +269,14 @@ class TopkEncoding:
         return ids, self._decode_values(parts)
 
     def _decode_values(self, parts: Mapping[str, np.ndarray]) -> np.ndarray:
-        if self.values in ("float32", "float16"):
+        if self.values == "float32":
             return np.asarray(parts["topk_logprobs"]).astype(np.float32)
-        if self.values == "bfloat16":
-            bits = np.asarray(parts["topk_logprobs_bf16"]).astype(np.uint32) << np.uint32(16)
-            return bits.view(np.float32)
+        if self.values in ("float16", "bfloat16"):
+            diffs = np.asarray(parts[f"topk_logprob_{self.values}_bits"])
+            bits = np.cumsum(diffs, axis=1, dtype=np.uint16)  # wraps mod 2^16, as encoded
+            if self.values == "float16":
+                return bits.view(np.float16).astype(np.float32)
+            return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
         q = _QUANTIZERS[self.values]
         codes = np.cumsum(np.asarray(parts["topk_logprob_codes"]), axis=1, dtype=np.int16)
         top1 = np.asarray(parts["topk_logprob_top1"], dtype=np.float32)
@@ -286,13 +302,14 @@ class TopkEncoding:
         grid = (
             f"uniform steps of {q.step:g} nat"
             if math.isinf(q.knee)
-            else f"steps of {q.step:g} * (1 + x / {q.knee:g}) nat at distance x below the top-1"
+            else f"steps of {q.step:g} * (1 + x / {q.knee:g}) nat at a distance x below the top-1"
         )
         return (
-            f"top-1 exact; others: {grid}, |error| <= half a step "
-            f"(<= {self.max_abs_error():.4g} nats) for logprobs within {q.range:.4g} nats of the "
-            f"top-1; those further below decode to top1 - {float(q.table[-1]):.4g} (an overestimate "
-            f"of a probability < {math.exp(-q.range):.2g} x the top-1's)"
+            f"top-1 exact; the others on {grid}, |error| <= half a step: "
+            f"<= {self.max_abs_error():.4g} nats within {min(q.range, BOUND_RANGE):.4g} nats of "
+            f"the top-1; values more than {q.range:.4g} nats below it decode to top-1 - "
+            f"{float(q.table[-1]):.4g} (too high, for a probability < {math.exp(-q.range):.2g} of "
+            "the top-1's)"
         )
 
     def max_abs_error(self) -> float | None:
@@ -304,7 +321,7 @@ class TopkEncoding:
         if self.values == "bfloat16":
             return 2.0**-8 * BOUND_RANGE
         q = _QUANTIZERS[self.values]
-        return float(q.bound(np.array(q.range)))
+        return float(q.bound(np.array(min(q.range, BOUND_RANGE))))
 
     def abs_error_bounds(self, logprobs: np.ndarray) -> np.ndarray:
         """Per-element bound on |decoded - exact| for exact `logprobs` (N, k); inf where none.

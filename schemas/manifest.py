@@ -139,7 +139,9 @@ class Manifest:
             }
         )
 
-    def with_shards(self, shards: typing.Iterable[ShardInfo], status: str | None = None) -> Manifest:
+    def with_shards(
+        self, shards: typing.Iterable[ShardInfo], status: str | None = None
+    ) -> Manifest:
         ordered = tuple(sorted(shards, key=lambda s: s.index))
         return dataclasses.replace(self, shards=ordered, status=status or self.status)
 

@@ -209,7 +209,8 @@ def concat_records(parts: Sequence[ShardRecords]) -> ShardRecords:
         joined[f.name] = np.concatenate([getattr(p, f.name) for p in parts])
     starts = np.cumsum([0] + [p.num_tokens for p in parts[:-1]])
     joined["seq_offsets"] = np.concatenate(
-        [parts[0].seq_offsets[:1]] + [p.seq_offsets[1:] + o for p, o in zip(parts, starts)]
+        [parts[0].seq_offsets[:1]]
+        + [p.seq_offsets[1:] + o for p, o in zip(parts, starts, strict=False)]
     ).astype(np.int64)
     return replace(first, **joined)
 

@@ -66,9 +66,11 @@ def random_records(
         seq_offsets=offsets,
     )
     if layout.temperatures:
-        arrays["temp_lse"] = np.stack(
-            [np.logaddexp.reduce(logits / t, axis=1) for t in layout.temperatures], axis=1
-        ).astype(np.float32).reshape(n, len(layout.temperatures))
+        arrays["temp_lse"] = (
+            np.stack([np.logaddexp.reduce(logits / t, axis=1) for t in layout.temperatures], axis=1)
+            .astype(np.float32)
+            .reshape(n, len(layout.temperatures))
+        )
     if layout.num_samples:
         s = layout.num_samples
         ids = np.sort(rng.integers(0, v, (n, s)), axis=1)
@@ -93,7 +95,11 @@ def layouts_and_lengths(draw: st.DrawFn) -> tuple[Layout, list[int], int]:
     lengths = draw(st.lists(st.integers(0, 12) | st.just(1), min_size=0, max_size=5))
     if vocab > 1000:  # keep dense reference logits small
         lengths = lengths[:2]
-    return Layout(k=k, vocab_size=vocab, temperatures=temperatures, num_samples=samples), lengths, draw(st.integers(0, 2**31))
+    return (
+        Layout(k=k, vocab_size=vocab, temperatures=temperatures, num_samples=samples),
+        lengths,
+        draw(st.integers(0, 2**31)),
+    )
 
 
 def stored(records: ShardRecords, layout: Layout, encoding: TopkEncoding) -> ShardRecords:
@@ -111,7 +117,10 @@ class ShardBackendTests:
 
     format: ClassVar[str]
     encoding: ClassVar[TopkEncoding] = LOSSLESS
-    identity: ClassVar[dict[str, Any]] = {"format_version": "1.0", "cache_fingerprint": "sha256:test"}
+    identity: ClassVar[dict[str, Any]] = {
+        "format_version": "1.0",
+        "cache_fingerprint": "sha256:test",
+    }
 
     def _write(self, url: str, layout: Layout, batches: list[ShardRecords], index: int = 0) -> Any:
         fs, root = resolve(url)
@@ -125,13 +134,25 @@ class ShardBackendTests:
         fs, root = resolve(url)
         return BACKENDS[self.format].reader(fs, root, info, layout, self.encoding, verify=verify)
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors])
+    @settings(
+        max_examples=25,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.differing_executors,
+        ],
+    )
     @given(case=layouts_and_lengths(), split=st.integers(0, 5))
-    def test_round_trip_bit_for_bit(self, tmp_path_factory: pytest.TempPathFactory, case: Any, split: int) -> None:
+    def test_round_trip_bit_for_bit(
+        self, tmp_path_factory: pytest.TempPathFactory, case: Any, split: int
+    ) -> None:
         layout, lengths, seed = case
         records = random_records(layout, lengths, seed)
         url = str(tmp_path_factory.mktemp(self.format))
-        batches = [records.sequences(0, min(split, len(lengths))), records.sequences(min(split, len(lengths)), len(lengths))]
+        batches = [
+            records.sequences(0, min(split, len(lengths))),
+            records.sequences(min(split, len(lengths)), len(lengths)),
+        ]
         info = self._write(url, layout, batches)
         back = self._reader(url, layout, info).read()
         assert back.equals(stored(records, layout, self.encoding))
@@ -142,7 +163,9 @@ class ShardBackendTests:
         records = random_records(layout, [3, 0, 1, 7, 5], seed=1)
         info = self._write(str(tmp_path), layout, [records])
         reader = self._reader(str(tmp_path), layout, info)
-        assert reader.read_sequences(1, 4).equals(stored(records, layout, self.encoding).sequences(1, 4))
+        assert reader.read_sequences(1, 4).equals(
+            stored(records, layout, self.encoding).sequences(1, 4)
+        )
 
     def test_identity_travels_with_the_shard(self, tmp_path: Any) -> None:
         layout = Layout(k=2, vocab_size=10)
@@ -164,9 +187,9 @@ class ShardBackendTests:
         layout = Layout(k=3, vocab_size=10)
         other = random_records(Layout(k=2, vocab_size=10), [4], 0)
         fs, root = resolve(str(tmp_path))
-        with BACKENDS[self.format].writer(fs, root, 0, layout, self.encoding, self.identity) as w:
-            with pytest.raises(ValueError, match="topk_ids"):
-                w.write(other)
+        writer = BACKENDS[self.format].writer(fs, root, 0, layout, self.encoding, self.identity)
+        with writer as w, pytest.raises(ValueError, match="topk_ids"):
+            w.write(other)
 
     def _damage_cases(self, tmp_path: Any) -> tuple[Layout, Any, Any]:
         layout = Layout(k=4, vocab_size=100)
@@ -206,4 +229,3 @@ class ShardBackendTests:
         fs.pipe_file(target, b"\x00garbage" * 5)
         with pytest.raises(CacheCorruptError, match=info.name):
             self._reader(str(tmp_path), layout, info, verify=False).read()
-

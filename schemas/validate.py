@@ -35,18 +35,27 @@ def validate_cache(url: str, *, deep: bool = False, **storage_options: object) -
         return [Problem(url, str(exc))]
     problems = []
     if not cache.complete:
-        problems.append(Problem(url, "the build has not finished (status 'building'); re-run it to resume"))
+        problems.append(
+            Problem(url, "the build has not finished (status 'building'); re-run it to resume")
+        )
     for info in cache.shards:
         try:
             reader = cache.reader(info, verify=True)
             if deep:
                 identity = reader.identity()
                 if identity.get("cache_fingerprint") != cache.manifest.fingerprint:
-                    problems.append(Problem(info.name, "belongs to another cache (its fingerprint differs)"))
+                    problems.append(
+                        Problem(info.name, "belongs to another cache (its fingerprint differs)")
+                    )
                 records = reader.read()
-                problems += [Problem(info.name, what) for what in check_records(cache, info.num_tokens, info.num_sequences, records)]
+                problems += [
+                    Problem(info.name, what)
+                    for what in check_records(cache, info.num_tokens, info.num_sequences, records)
+                ]
         except KdcacheError as exc:
-            problems.append(Problem(info.name, exc.message + (f". Fix: {exc.hint}" if exc.hint else "")))
+            problems.append(
+                Problem(info.name, exc.message + (f". Fix: {exc.hint}" if exc.hint else ""))
+            )
     return problems
 
 

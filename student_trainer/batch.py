@@ -165,11 +165,19 @@ class StudentInputs:
 
     def to(self, device: torch.device | str) -> StudentInputs:
         return StudentInputs(
-            *(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.rows))
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.input_ids, self.attention_mask, self.rows)
+            )
         )
 
 
-def collate(sequences: list, layout_vocab: int, temperatures: tuple[float, ...] = (), sample_temperature: float = 1.0) -> tuple[StudentInputs, TeacherBatch]:
+def collate(
+    sequences: list,
+    layout_vocab: int,
+    temperatures: tuple[float, ...] = (),
+    sample_temperature: float = 1.0,
+) -> tuple[StudentInputs, TeacherBatch]:
     """Pad sequences into student inputs and gather the teacher rows that have a next token.
 
     This is where numpy becomes torch. Row t of a sequence of n tokens is trained on when
@@ -183,7 +191,7 @@ def collate(sequences: list, layout_vocab: int, temperatures: tuple[float, ...] 
     mask = np.zeros((b, l_max), dtype=np.int64)
     rows, picked = [], {name: [] for name in sequences[0].arrays}
     labels = []
-    for i, (seq, n) in enumerate(zip(sequences, lengths)):
+    for i, (seq, n) in enumerate(zip(sequences, lengths, strict=False)):
         ids = seq.arrays["input_ids"]
         input_ids[i, :n] = ids
         mask[i, :n] = 1
@@ -209,6 +217,8 @@ def collate(sequences: list, layout_vocab: int, temperatures: tuple[float, ...] 
         sample_temperature=sample_temperature,
     )
     inputs = StudentInputs(
-        torch.from_numpy(input_ids), torch.from_numpy(mask), torch.from_numpy(np.concatenate(rows).astype(np.int64))
+        torch.from_numpy(input_ids),
+        torch.from_numpy(mask),
+        torch.from_numpy(np.concatenate(rows).astype(np.int64)),
     )
     return inputs, teacher

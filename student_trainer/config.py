@@ -86,7 +86,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.student is None or self.student_config is None, "give --student or --student-config, not both"),
+            (
+                self.student is None or self.student_config is None,
+                "give --student or --student-config, not both",
+            ),
             (self.lr > 0, "--lr must be > 0"),
             (self.temperature is None or self.temperature > 0, "--temperature must be > 0"),
             (self.ce_weight >= 0, "--ce-weight must be >= 0"),
@@ -96,7 +99,10 @@ class TrainConfig:
             (self.batch_tokens >= 2, "--batch-tokens must be at least 2"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
             (self.clip >= 0, "--clip must be >= 0"),
-            (self.checkpoint_every >= 0 and self.eval_every >= 0, "--checkpoint-every and --eval-every must be >= 0"),
+            (
+                self.checkpoint_every >= 0 and self.eval_every >= 0,
+                "--checkpoint-every and --eval-every must be >= 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:

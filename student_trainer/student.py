@@ -21,7 +21,10 @@ def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str
     if cfg.student is not None:
         path = cfg.student
         if not Path(path).exists() and "/" not in path:
-            raise ConfigError(f"--student {path!r} is neither a directory nor a hub id", hint="point it at a save_pretrained directory")
+            raise ConfigError(
+                f"--student {path!r} is neither a directory nor a hub id",
+                hint="point it at a save_pretrained directory",
+            )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tok_source = cfg.tokenizer or path
         what = f"student {path}"
@@ -30,14 +33,21 @@ def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str
         try:
             data = json.loads(Path(config_path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--student-config {config_path}: cannot read a JSON config ({exc})") from None
+            raise ConfigError(
+                f"--student-config {config_path}: cannot read a JSON config ({exc})"
+            ) from None
         config = AutoConfig.for_model(**data)
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tok_source = cfg.tokenizer or cache.tokenizer_path()
-        what = f"fresh student from {config_path}" + (" (the embedded default)" if cfg.student_config is None else "")
+        what = f"fresh student from {config_path}" + (
+            " (the embedded default)" if cfg.student_config is None else ""
+        )
         if tok_source is None:
-            raise ConfigError("the cache holds no tokenizer copy and no --tokenizer was given", hint="pass --tokenizer PATH")
+            raise ConfigError(
+                "the cache holds no tokenizer copy and no --tokenizer was given",
+                hint="pass --tokenizer PATH",
+            )
     tokenizer = AutoTokenizer.from_pretrained(_local(tok_source, cache))
     check_tokenizer(tokenizer, cache, cfg.allow_vocab_extension)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -104,7 +114,9 @@ class HiddenAndHead(nn.Module):
                 self.aux.weight.copy_(head.weight)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor):
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, d)
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # (B, L, d)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (N, d)
         head = self.model.get_output_embeddings()
         aux = None if self.aux is None else self.aux.weight

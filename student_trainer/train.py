@@ -1,7 +1,7 @@
 """`train(cfg)`: stream a cache into student training.
 
-    cache shards -> ShardStream -> batches -> collate -> student hidden states (N, d)
-    -> loss(ChunkedStudent(h, lm_head), TeacherBatch) [+ CE, z-loss] -> AdamW step
+cache shards -> ShardStream -> batches -> collate -> student hidden states (N, d)
+-> loss(ChunkedStudent(h, lm_head), TeacherBatch) [+ CE, z-loss] -> AdamW step
 """
 
 from __future__ import annotations
@@ -61,22 +61,40 @@ def train(cfg: TrainConfig) -> TrainResult:
     spec = _loss_spec(cfg.loss)
     options = resolve_options(cfg.loss, cfg.loss_options)
     rank, world, local = _ranks()
-    device = torch.device(cfg.device if cfg.device != "auto" else (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        cfg.device
+        if cfg.device != "auto"
+        else (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    )
     bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     say = _say if rank == 0 else (lambda message: None)
 
     cache = open_cache(cfg.cache, require_complete=True, **cfg.storage_options)
     _check_cache_fits(spec, cfg, cache)
     model, tokenizer, what = load_student(cfg, cache)
-    say(f"{what}; loss {cfg.loss} {options or ''}; cache {cache.url} ({cache.manifest.num_tokens} tokens, k={cache.layout.k})")
+    say(
+        f"{what}; loss {cfg.loss} {options or ''}; cache {cache.url} ({cache.manifest.num_tokens} tokens, k={cache.layout.k})"
+    )
     net = HiddenAndHead(model, aux_head=spec.aux_head).to(device)
     wrapped = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
-    stream = ShardStream(cfg.cache, seed=cfg.seed, buffer_sequences=cfg.shuffle_buffer, rank=rank, world_size=world, skip_bad_shards=cfg.skip_bad_shards, storage_options=cfg.storage_options)
-    steps_per_epoch = max(1, math.ceil(cache.manifest.num_tokens / (cfg.batch_tokens * cfg.grad_accum * world)))
+    stream = ShardStream(
+        cfg.cache,
+        seed=cfg.seed,
+        buffer_sequences=cfg.shuffle_buffer,
+        rank=rank,
+        world_size=world,
+        skip_bad_shards=cfg.skip_bad_shards,
+        storage_options=cfg.storage_options,
+    )
+    steps_per_epoch = max(
+        1, math.ceil(cache.manifest.num_tokens / (cfg.batch_tokens * cfg.grad_accum * world))
+    )
     total_steps = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(cfg.warmup_steps, total_steps)
+    )
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +108,14 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     log = _MetricLog(out, enabled=rank == 0)
     micro_batches = _micro_batches(stream, cfg, cache, state)
-    bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="train", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=state["step"],
+        unit="step",
+        desc="train",
+        disable=not cfg.progress or rank != 0,
+        dynamic_ncols=True,
+    )
     approx: dict[str, list[float]] = {}
     start, last_loss = time.perf_counter(), float("nan")
     start_tokens = state["tokens"]
@@ -104,7 +129,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             stats: dict[str, torch.Tensor] = {}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 h, weight, bias, aux = wrapped(inputs.input_ids, inputs.attention_mask, inputs.rows)
-            loss = _loss(spec, options, cfg, _student(h, weight, bias, cfg), teacher, aux, stats) / cfg.grad_accum
+            loss = (
+                _loss(spec, options, cfg, _student(h, weight, bias, cfg), teacher, aux, stats)
+                / cfg.grad_accum
+            )
             loss.backward()
             step_loss += float(loss.detach())  # deliberate sync, once per micro-batch, for the log
             state["tokens"] += int(inputs.attention_mask.sum()) * world
@@ -121,7 +149,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         tok_s = (state["tokens"] - start_tokens) / elapsed if elapsed else 0.0
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
-        row = {"step": state["step"], "loss": step_loss, "lr": schedule.get_last_lr()[0], "tokens": state["tokens"], "tokens_per_s": tok_s}
+        row = {
+            "step": state["step"],
+            "loss": step_loss,
+            "lr": schedule.get_last_lr()[0],
+            "tokens": state["tokens"],
+            "tokens_per_s": tok_s,
+        }
         if cfg.eval_cache and cfg.eval_every and state["step"] % cfg.eval_every == 0:
             row.update(evaluate(net, cfg, device, bf16))
         if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or "eval_ce" in row:
@@ -130,7 +164,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             _save_checkpoint(out, net, optimizer, schedule, state)
     bar.close()
 
-    result = TrainResult(cfg.out, state["step"], state["tokens"], time.perf_counter() - start, last_loss, bad_shards=list(stream.bad_shards))
+    result = TrainResult(
+        cfg.out,
+        state["step"],
+        state["tokens"],
+        time.perf_counter() - start,
+        last_loss,
+        bad_shards=list(stream.bad_shards),
+    )
     result.approximations = {k: float(np.mean(v)) for k, v in approx.items()}
     if cfg.eval_cache:
         result.eval = evaluate(net, cfg, device, bf16)
@@ -148,14 +189,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _micro_batches(stream: ShardStream, cfg: TrainConfig, cache: Cache, state: dict[str, int]) -> Iterator[tuple[StudentInputs, TeacherBatch]]:
+def _micro_batches(
+    stream: ShardStream, cfg: TrainConfig, cache: Cache, state: dict[str, int]
+) -> Iterator[tuple[StudentInputs, TeacherBatch]]:
     """Endless micro-batches, epoch after epoch; resumes at `state["micro"]` by replaying the
     deterministic stream (exact, at the cost of re-reading what was already consumed)."""
     layout = cache.layout
     skip = state["micro"]
     for epoch in itertools.count(state.get("epoch", 0) if not skip else 0):
         stream.epoch = epoch
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, persistent_workers=False)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=cfg.num_workers, persistent_workers=False
+        )
         produced = False
         for group in batches(iter(loader), cfg.batch_tokens):
             produced = True
@@ -163,18 +208,39 @@ def _micro_batches(stream: ShardStream, cfg: TrainConfig, cache: Cache, state: d
                 skip -= 1
                 continue
             state["epoch"] = epoch
-            yield collate(group, layout.vocab_size, layout.temperatures, cache.manifest.build.sample_temperature)
+            yield collate(
+                group,
+                layout.vocab_size,
+                layout.temperatures,
+                cache.manifest.build.sample_temperature,
+            )
         if not produced:
-            raise IncompatibleCacheError(f"{cache.url} yields no training sequences (all shorter than 2 tokens or skipped)")
+            raise IncompatibleCacheError(
+                f"{cache.url} yields no training sequences (all shorter than 2 tokens or skipped)"
+            )
 
 
-def _student(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: TrainConfig) -> StudentLogits:
+def _student(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: TrainConfig
+) -> StudentLogits:
     return ChunkedStudent(h, weight, bias, vocab_chunk=cfg.vocab_chunk)
 
 
-def _loss(spec: LossSpec, options: dict[str, Any], cfg: TrainConfig, student: StudentLogits, teacher: TeacherBatch, aux: torch.Tensor | None, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+def _loss(
+    spec: LossSpec,
+    options: dict[str, Any],
+    cfg: TrainConfig,
+    student: StudentLogits,
+    teacher: TeacherBatch,
+    aux: torch.Tensor | None,
+    stats: dict[str, torch.Tensor],
+) -> torch.Tensor:
     kwargs = dict(options)
-    if cfg.temperature is not None and "temperature" in spec.options and "temperature" not in options:
+    if (
+        cfg.temperature is not None
+        and "temperature" in spec.options
+        and "temperature" not in options
+    ):
         kwargs["temperature"] = cfg.temperature
     if spec.aux_head:
         kwargs["aux_student"] = ChunkedStudent(student._h, aux, None, vocab_chunk=cfg.vocab_chunk)  # type: ignore[attr-defined]
@@ -187,7 +253,9 @@ def _loss(spec: LossSpec, options: dict[str, Any], cfg: TrainConfig, student: St
 
 
 @torch.no_grad()
-def evaluate(net: HiddenAndHead, cfg: TrainConfig, device: torch.device, bf16: bool) -> dict[str, float]:
+def evaluate(
+    net: HiddenAndHead, cfg: TrainConfig, device: torch.device, bf16: bool
+) -> dict[str, float]:
     """Student CE, bucketed KL to the teacher's top-k (exact lower bound on the full KL) and
     top-1 agreement with the teacher, on up to `eval_tokens` held-out tokens."""
     assert cfg.eval_cache is not None
@@ -201,7 +269,12 @@ def evaluate(net: HiddenAndHead, cfg: TrainConfig, device: torch.device, bf16: b
         inputs, teacher = inputs.to(device), teacher.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             h, weight, bias, _ = net(inputs.input_ids, inputs.attention_mask, inputs.rows)
-        student = ChunkedStudent(h.float(), weight.float(), None if bias is None else bias.float(), vocab_chunk=cfg.vocab_chunk)
+        student = ChunkedStudent(
+            h.float(),
+            weight.float(),
+            None if bias is None else bias.float(),
+            vocab_chunk=cfg.vocab_chunk,
+        )
         n = teacher.labels.shape[0]
         totals["ce"] += float(cross_entropy(student, teacher.labels)) * n
         totals["kl"] += float(fkl_tail(student, teacher)) * n
@@ -211,7 +284,11 @@ def evaluate(net: HiddenAndHead, cfg: TrainConfig, device: torch.device, bf16: b
             break
     net.train(was_training)
     n = max(totals["n"], 1)
-    return {"eval_ce": totals["ce"] / n, "eval_kl_topk": totals["kl"] / n, "eval_top1_agreement": totals["agree"] / n}
+    return {
+        "eval_ce": totals["ce"] / n,
+        "eval_kl_topk": totals["kl"] / n,
+        "eval_top1_agreement": totals["agree"] / n,
+    }
 
 
 def _loss_spec(name: str) -> LossSpec:
@@ -245,13 +322,19 @@ def _ranks() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _save_checkpoint(out: Path, net: HiddenAndHead, optimizer, schedule, state: dict[str, int]) -> None:
+def _save_checkpoint(
+    out: Path, net: HiddenAndHead, optimizer, schedule, state: dict[str, int]
+) -> None:
     payload = {
         "model": net.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "state": dict(state),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        },
     }
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(payload, tmp)
@@ -261,7 +344,9 @@ def _save_checkpoint(out: Path, net: HiddenAndHead, optimizer, schedule, state: 
 def _load_checkpoint(out: Path, net: HiddenAndHead, optimizer, schedule) -> dict[str, int]:
     path = out / CHECKPOINT
     if not path.exists():
-        raise ConfigError(f"--resume: no checkpoint at {path}", hint="run without --resume to start fresh")
+        raise ConfigError(
+            f"--resume: no checkpoint at {path}", hint="run without --resume to start fresh"
+        )
     payload = torch.load(path, weights_only=False)
     net.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
@@ -305,14 +390,18 @@ class _MetricLog:
         except ImportError:
             _say("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)")
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        rows = (
+            [json.loads(line) for line in self.path.read_text().splitlines()]
+            if self.path.exists()
+            else []
+        )
         fig, ax = plt.subplots(figsize=(6, 3.5))
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         if train:
-            ax.plot(*zip(*train), label="train loss")
+            ax.plot(*zip(*train, strict=False), label="train loss")
         evals = [(r["step"], r["eval_ce"]) for r in rows if "eval_ce" in r]
         if evals:
-            ax.plot(*zip(*evals), "o-", label="eval CE")
+            ax.plot(*zip(*evals, strict=False), "o-", label="eval CE")
         ax.set_xlabel("step")
         ax.legend()
         fig.tight_layout()

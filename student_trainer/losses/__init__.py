@@ -58,5 +58,7 @@ def parse_option(key: str, value: Any, default: Any) -> Any:
         if isinstance(default, float):
             return float(value)
     except ValueError:
-        raise ConfigError(f"--loss-option {key}={value}: expected a {type(default).__name__}") from None
+        raise ConfigError(
+            f"--loss-option {key}={value}: expected a {type(default).__name__}"
+        ) from None
     return value

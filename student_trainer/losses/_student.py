@@ -101,7 +101,9 @@ class _ChunkedLSE(torch.autograd.Function):
         hf = h.float()
         for start in range(0, weight.shape[0], chunk):
             z = _chunk_logits(h, weight, bias, start, chunk)
-            g = torch.exp(z - lse.unsqueeze(-1)) * grad_lse.unsqueeze(-1)  # (N, c) softmax * dL/dlse
+            g = torch.exp(z - lse.unsqueeze(-1)) * grad_lse.unsqueeze(
+                -1
+            )  # (N, c) softmax * dL/dlse
             grad_h += g @ weight[start : start + chunk].float()
             grad_w[start : start + chunk] = g.T @ hf
             if grad_b is not None:
@@ -154,7 +156,9 @@ class ChunkedStudent(StudentLogits):
         for start in range(0, self.num_rows, self._row_chunk):
             rows = slice(start, start + self._row_chunk)
             blocks.append(
-                checkpoint(_gather_block, self._h[rows], self._w, self._b, ids[rows], use_reentrant=False)
+                checkpoint(
+                    _gather_block, self._h[rows], self._w, self._b, ids[rows], use_reentrant=False
+                )
             )
         return torch.cat(blocks) if blocks else ids.new_zeros(ids.shape, dtype=torch.float32)
 
@@ -185,7 +189,9 @@ class ChunkedStudent(StudentLogits):
             for start in range(0, self.vocab_size, self._vocab_chunk):
                 z = _chunk_logits(self._h, self._w, self._b, start, self._vocab_chunk)
                 v, i = z.topk(min(k, z.shape[1]), dim=-1)
-                best_v, pick = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=-1)
+                best_v, pick = torch.cat([best_v, v], 1).topk(
+                    min(k, best_v.shape[1] + v.shape[1]), dim=-1
+                )
                 best_i = torch.cat([best_i, i + start], 1).gather(1, pick)
             return best_i
 

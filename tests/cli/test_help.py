@@ -33,5 +33,9 @@ def test_top_level_help_does_not_import_torch() -> None:
 
 
 def test_unknown_loss_lists_the_valid_ones(tmp_path) -> None:
-    result = CliRunner().invoke(main, ["train", "--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--loss", "nope"])
-    assert result.exit_code != 0 and "fkl-tail" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(
+        main, ["train", "--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--loss", "nope"]
+    )
+    assert (
+        result.exit_code != 0 and "fkl-tail" in result.output and "Traceback" not in result.output
+    )

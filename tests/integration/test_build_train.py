@@ -31,21 +31,31 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small_build(teacher: Path, data: Path, out: Path, **overrides) -> BuildConfig:
     settings = dict(
-        out=str(out), teacher=str(teacher), dataset=str(data), max_length=96, top_k=8,
-        shard_tokens=1024, batch_tokens=384, progress=False,
+        out=str(out),
+        teacher=str(teacher),
+        dataset=str(data),
+        max_length=96,
+        top_k=8,
+        shard_tokens=1024,
+        batch_tokens=384,
+        progress=False,
     )
     return BuildConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
-def sampled_cache(tiny_llama_dir: Path, data_file: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+def sampled_cache(
+    tiny_llama_dir: Path, data_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     out = tmp_path_factory.mktemp("cache") / "c"
     build(small_build(tiny_llama_dir, data_file, out, samples=6, temperatures=(2.0,)))
     return str(out)
 
 
 @pytest.mark.parametrize("fmt", ["arrow", "zarr"])
-def test_build_is_valid_deterministic_and_resumable(tiny_llama_dir, data_file, tmp_path, fmt) -> None:
+def test_build_is_valid_deterministic_and_resumable(
+    tiny_llama_dir, data_file, tmp_path, fmt
+) -> None:
     cfg = small_build(tiny_llama_dir, data_file, tmp_path / "a", format=fmt)
     first = build(cfg)
     assert first.shards > 1 and first.tokens > 0 and not first.already_complete
@@ -53,15 +63,33 @@ def test_build_is_valid_deterministic_and_resumable(tiny_llama_dir, data_file, t
     assert build(cfg).already_complete
     again = build(small_build(tiny_llama_dir, data_file, tmp_path / "b", format=fmt))
     a, b = open_cache(cfg.out).manifest, open_cache(str(tmp_path / "b")).manifest
-    assert [s.checksum for s in a.shards] == [s.checksum for s in b.shards], "CPU builds must be byte-identical"
+    assert [s.checksum for s in a.shards] == [s.checksum for s in b.shards], (
+        "CPU builds must be byte-identical"
+    )
     assert again.tokens == first.tokens
 
 
 def test_other_settings_are_refused_unless_overwrite(tiny_llama_dir, data_file, tmp_path) -> None:
     build(small_build(tiny_llama_dir, data_file, tmp_path / "c"))
     runner = CliRunner()
-    args = ["build", "--teacher", str(tiny_llama_dir), "--dataset", str(data_file), "--out", str(tmp_path / "c"),
-            "--max-length", "96", "--top-k", "4", "--shard-tokens", "1024", "--batch-tokens", "384", "--no-progress"]
+    args = [
+        "build",
+        "--teacher",
+        str(tiny_llama_dir),
+        "--dataset",
+        str(data_file),
+        "--out",
+        str(tmp_path / "c"),
+        "--max-length",
+        "96",
+        "--top-k",
+        "4",
+        "--shard-tokens",
+        "1024",
+        "--batch-tokens",
+        "384",
+        "--no-progress",
+    ]
     refused = runner.invoke(main, args)
     assert refused.exit_code != 0 and "top_k" in refused.output and "--overwrite" in refused.output
     done = runner.invoke(main, [*args, "--overwrite"])
@@ -73,21 +101,43 @@ def test_other_settings_are_refused_unless_overwrite(tiny_llama_dir, data_file, 
 def test_bad_input_is_one_clear_line(tiny_llama_dir, data_file, tmp_path, case) -> None:
     teacher = str(tmp_path / "missing") if case == "no-teacher" else str(tiny_llama_dir)
     dataset = str(tmp_path / "missing.jsonl") if case == "no-dataset" else str(data_file)
-    args = ["build", "--teacher", teacher, "--dataset", dataset, "--out", str(tmp_path / "o"), "--no-progress"]
+    args = [
+        "build",
+        "--teacher",
+        teacher,
+        "--dataset",
+        dataset,
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
     if case == "no-field":
         args += ["--text-field", "body"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0
-    assert "Traceback" not in result.output and result.output.strip().splitlines()[-1].startswith("Error:")
-    assert {"no-teacher": "missing", "no-dataset": "missing.jsonl", "no-field": "body"}[case] in result.output
+    assert "Traceback" not in result.output and result.output.strip().splitlines()[-1].startswith(
+        "Error:"
+    )
+    assert {"no-teacher": "missing", "no-dataset": "missing.jsonl", "no-field": "body"}[
+        case
+    ] in result.output
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains_from_the_cache(sampled_cache, tiny_llama_dir, tmp_path, loss) -> None:
-    result = train(TrainConfig(
-        cache=sampled_cache, out=str(tmp_path / loss), student=str(tiny_llama_dir), loss=loss,
-        max_steps=2, batch_tokens=192, progress=False, save_model=False, ce_weight=0.1,
-    ))
+    result = train(
+        TrainConfig(
+            cache=sampled_cache,
+            out=str(tmp_path / loss),
+            student=str(tiny_llama_dir),
+            loss=loss,
+            max_steps=2,
+            batch_tokens=192,
+            progress=False,
+            save_model=False,
+            ce_weight=0.1,
+        )
+    )
     assert result.steps == 2 and result.final_loss == result.final_loss  # finite, not NaN
     assert (tmp_path / loss / "metrics.jsonl").exists()
 
@@ -96,12 +146,24 @@ def test_fresh_student_learns_and_is_saved(sampled_cache, tiny_llama_dir, tmp_pa
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     config.update(hidden_size=16, num_hidden_layers=1, intermediate_size=32)
     (tmp_path / "student.json").write_text(json.dumps(config))
-    result = train(TrainConfig(
-        cache=sampled_cache, out=str(tmp_path / "run"), student_config=str(tmp_path / "student.json"),
-        loss="fkl-tail", max_steps=30, lr=3e-3, warmup_steps=3, batch_tokens=384, progress=False,
-        eval_cache=sampled_cache, eval_every=15,
-    ))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    result = train(
+        TrainConfig(
+            cache=sampled_cache,
+            out=str(tmp_path / "run"),
+            student_config=str(tmp_path / "student.json"),
+            loss="fkl-tail",
+            max_steps=30,
+            lr=3e-3,
+            warmup_steps=3,
+            batch_tokens=384,
+            progress=False,
+            eval_cache=sampled_cache,
+            eval_every=15,
+        )
+    )
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     evals = [r["eval_kl_topk"] for r in rows if "eval_kl_topk" in r]
     assert evals[-1] < evals[0], "KL to the teacher should fall while training on the cache"
     assert (tmp_path / "run" / "student" / "config.json").exists()
@@ -109,13 +171,26 @@ def test_fresh_student_learns_and_is_saved(sampled_cache, tiny_llama_dir, tmp_pa
     assert 0 <= result.eval["eval_top1_agreement"] <= 1
 
 
-def test_resume_reproduces_the_uninterrupted_curve(sampled_cache, tiny_llama_dir, tmp_path, monkeypatch) -> None:
+def test_resume_reproduces_the_uninterrupted_curve(
+    sampled_cache, tiny_llama_dir, tmp_path, monkeypatch
+) -> None:
+    import importlib
     import shutil
 
-    import student_trainer.train as train_module
+    train_module = importlib.import_module("student_trainer.train")
 
-    common = dict(cache=sampled_cache, student=str(tiny_llama_dir), loss="fkl", batch_tokens=192, max_steps=6,
-                  progress=False, save_model=False, log_every=1, warmup_steps=2, checkpoint_every=3)
+    common = dict(
+        cache=sampled_cache,
+        student=str(tiny_llama_dir),
+        loss="fkl",
+        batch_tokens=192,
+        max_steps=6,
+        progress=False,
+        save_model=False,
+        log_every=1,
+        warmup_steps=2,
+        checkpoint_every=3,
+    )
     real_save = train_module._save_checkpoint
 
     def save_and_keep_step_3(out, net, optimizer, schedule, state):
@@ -130,25 +205,58 @@ def test_resume_reproduces_the_uninterrupted_curve(sampled_cache, tiny_llama_dir
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
     train(TrainConfig(out=str(tmp_path / "crashed"), resume=True, **common))
-    full = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    resumed = [json.loads(x)["loss"] for x in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    full = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    ]
+    resumed = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(full) == 6 and resumed == full
 
 
 def test_rskd_needs_samples_and_tokenizers_must_match(tiny_llama_dir, data_file, tmp_path) -> None:
     build(small_build(tiny_llama_dir, data_file, tmp_path / "plain"))
     runner = CliRunner()
-    base = ["train", "--cache", str(tmp_path / "plain"), "--student", str(tiny_llama_dir), "--max-steps", "1", "--no-progress"]
+    base = [
+        "train",
+        "--cache",
+        str(tmp_path / "plain"),
+        "--student",
+        str(tiny_llama_dir),
+        "--max-steps",
+        "1",
+        "--no-progress",
+    ]
     result = runner.invoke(main, [*base, "--out", str(tmp_path / "r"), "--loss", "rskd"])
-    assert result.exit_code != 0 and "--samples" in result.output and "Traceback" not in result.output
-    result = runner.invoke(main, [*base, "--out", str(tmp_path / "r2"), "--loss", "jsd", "--loss-option", "gamma=2"])
+    assert (
+        result.exit_code != 0 and "--samples" in result.output and "Traceback" not in result.output
+    )
+    result = runner.invoke(
+        main, [*base, "--out", str(tmp_path / "r2"), "--loss", "jsd", "--loss-option", "gamma=2"]
+    )
     assert result.exit_code != 0 and "beta" in result.output
 
     from tests.fixtures.models import make_tiny_llama
 
     other = make_tiny_llama(tmp_path / "other", vocab_size=400, seed=1)
-    result = runner.invoke(main, ["train", "--cache", str(tmp_path / "plain"), "--student", str(other), "--out", str(tmp_path / "r3"), "--no-progress"])
-    assert result.exit_code != 0 and "tokenizer" in result.output and "Traceback" not in result.output
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "--cache",
+            str(tmp_path / "plain"),
+            "--student",
+            str(other),
+            "--out",
+            str(tmp_path / "r3"),
+            "--no-progress",
+        ],
+    )
+    assert (
+        result.exit_code != 0 and "tokenizer" in result.output and "Traceback" not in result.output
+    )
 
 
 def test_corrupt_shard_mid_training(tiny_llama_dir, data_file, tmp_path) -> None:
@@ -158,10 +266,26 @@ def test_corrupt_shard_mid_training(tiny_llama_dir, data_file, tmp_path) -> None
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    args = ["train", "--cache", str(tmp_path / "c"), "--student", str(tiny_llama_dir), "--max-steps", "40",
-            "--batch-tokens", "512", "--no-progress", "--out", str(tmp_path / "r")]
+    args = [
+        "train",
+        "--cache",
+        str(tmp_path / "c"),
+        "--student",
+        str(tiny_llama_dir),
+        "--max-steps",
+        "40",
+        "--batch-tokens",
+        "512",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code != 0 and cache.shards[1].name in result.output and "--skip-bad-shards" in result.output
+    assert (
+        result.exit_code != 0
+        and cache.shards[1].name in result.output
+        and "--skip-bad-shards" in result.output
+    )
     result = CliRunner().invoke(main, [*args, "--skip-bad-shards"])
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output and "bad shard" in result.output

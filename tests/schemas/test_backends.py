@@ -25,7 +25,9 @@ class TestArrowBackendDefaultEncoding(ShardBackendTests):
     encoding = default_encoding(70_000)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(case=layouts_and_lengths())
 def test_backends_return_identical_records(tmp_path_factory: pytest.TempPathFactory, case) -> None:
     layout, lengths, seed = case
