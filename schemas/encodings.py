@@ -87,7 +87,7 @@ class _Quantizer:
     def bound(self, x: np.ndarray) -> np.ndarray:
         """|decoded - exact| <= bound(x) for x <= range (half a step at x, rounded up)."""
         if math.isinf(self.knee):
-            return np.full_like(x, self.step / 2)
+            return np.full_like(x, self.step / 3)
         # x lies within half a code of c, so |x - g^-1(c)| <= (x + knee) * (e^h - 1) * e^h
         h = self.step / (2 * self.knee)
         return (x + self.knee) * math.expm1(h) * math.exp(h)
@@ -308,8 +308,8 @@ class TopkEncoding:
             f"top-1 exact; the others on {grid}, |error| <= half a step: "
             f"<= {self.max_abs_error():.4g} nats within {min(q.range, BOUND_RANGE):.4g} nats of "
             f"the top-1; values more than {q.range:.4g} nats below it decode to top-1 - "
-            f"{float(q.table[-1]):.4g} (too high, for a probability < {math.exp(-q.range):.2g} of "
-            "the top-1's)"
+            f"{float(q.table[-1]):.4g} (too high, for a probability < e^-{q.range:.4g} of the "
+            "top-1's)"
         )
 
     def max_abs_error(self) -> float | None:

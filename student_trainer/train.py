@@ -119,6 +119,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     approx: dict[str, list[float]] = {}
     start, last_loss = time.perf_counter(), float("nan")
     start_tokens = state["tokens"]
+    if cfg.eval_cache and not cfg.resume:  # the "before" point of every eval curve
+        log.write({"step": 0, **evaluate(net, cfg, device, bf16)})
     net.train()
     while state["step"] < total_steps:
         optimizer.zero_grad(set_to_none=True)

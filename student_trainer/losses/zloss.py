@@ -39,7 +39,16 @@ def cross_entropy(student: StudentLogits, labels: Tensor) -> Tensor:
     return (student.lse() - target).mean()
 
 
+def ce(student: StudentLogits, teacher: TeacherBatch, *, stats: dict[str, Tensor] | None = None) -> Tensor:
+    """Plain next-token cross-entropy on the cached labels: the SFT baseline, no teacher signal."""
+    return cross_entropy(student, teacher.labels)
+
+
 SPECS: dict[str, LossSpec] = {
+    "ce": LossSpec(
+        ce,
+        "next-token cross-entropy only (SFT baseline): ignores the teacher, for comparisons",
+    ),
     "z-loss": LossSpec(
         z_loss,
         "PaLM z-loss c * logsumexp(student logits)^2: a student-only regulariser, exact (no "

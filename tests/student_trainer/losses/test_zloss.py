@@ -82,3 +82,17 @@ def test_specs_table() -> None:
     spec = zloss.SPECS["z-loss"]
     assert spec.options == {"temperature": 1.0, "coefficient": 1e-4}
     assert not spec.needs_samples and "\n" not in spec.summary
+
+
+def test_ce_baseline_equals_dense_cross_entropy() -> None:
+    import torch
+
+    from student_trainer.batch import teacher_batch_from_logits
+    from student_trainer.losses._student import DenseStudent
+    from student_trainer.losses.zloss import ce
+
+    torch.manual_seed(0)
+    s, z = torch.randn(6, 11), torch.randn(6, 11)
+    labels = torch.randint(0, 11, (6,))
+    got = ce(DenseStudent(s), teacher_batch_from_logits(z, labels, 3))
+    assert torch.allclose(got, torch.nn.functional.cross_entropy(s, labels))
