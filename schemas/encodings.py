@@ -87,7 +87,7 @@ class _Quantizer:
     def bound(self, x: np.ndarray) -> np.ndarray:
         """|decoded - exact| <= bound(x) for x <= range (half a step at x, rounded up)."""
         if math.isinf(self.knee):
-            return np.full_like(x, self.step / 3)
+            return np.full_like(x, self.step / 2)
         # x lies within half a code of c, so |x - g^-1(c)| <= (x + knee) * (e^h - 1) * e^h
         h = self.step / (2 * self.knee)
         return (x + self.knee) * math.expm1(h) * math.exp(h)

@@ -39,3 +39,14 @@ def test_unknown_loss_lists_the_valid_ones(tmp_path) -> None:
     assert (
         result.exit_code != 0 and "fkl-tail" in result.output and "Traceback" not in result.output
     )
+
+
+def test_public_api_is_lazy_and_complete() -> None:
+    code = (
+        "import sys, kdcache\n"
+        "light = 'torch' not in sys.modules\n"
+        "assert callable(kdcache.build) and callable(kdcache.train) and callable(kdcache.open_cache)\n"
+        "print(light, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
