@@ -1,8 +1,8 @@
 """`make bench`: every benchmark side by side, tables printed, JSON under bench/results/.
 
-    python -m bench.run            # all
-    python -m bench.run encodings  # one
-    python -m bench.run --quick    # smaller sizes, for a smoke run
+python -m bench.run            # all
+python -m bench.run encodings  # one
+python -m bench.run --quick    # smaller sizes, for a smoke run
 """
 
 from __future__ import annotations
@@ -21,12 +21,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("suites", nargs="*", default=list(SUITES), choices=SUITES)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    summary = {"machine": platform.platform(), "python": platform.python_version(), "numpy": np.__version__}
+    summary = {
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
     for name in args.suites:
         start = time.perf_counter()
         print(f"\n## {name}\n", flush=True)

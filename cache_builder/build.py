@@ -10,6 +10,7 @@ rank 0: manifest marked complete once every shard is committed
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ from cache_builder.plan import BuildPlan, ShardPlan, make_plan, segments_of
 from cache_builder.teacher import Teacher, load_teacher
 from cache_builder.tokenizer import load_tokenizer, tokenizer_info
 from cache_builder.topk import TeacherSignals
-from schemas.cache import TOKENIZER_DIR, CacheWriter
+from schemas.cache import COMMITS, TOKENIZER_DIR, CacheWriter
 from schemas.encodings import TopkEncoding, default_encoding
 from schemas.errors import KdcacheError
 from schemas.fingerprint import StreamHasher
@@ -48,6 +49,8 @@ class BuildResult:
     written_tokens: int
     """Tokens this run (this rank) sent through the teacher; 0 when the cache was complete."""
     already_complete: bool = False
+    rank: int = 0
+    """Which torchrun rank this is; only rank 0 finalises the cache and knows its size."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,6 +59,11 @@ class BuildResult:
     def summary(self) -> str:
         if self.already_complete:
             return f"{self.url} is already complete: {self.shards} shards, {self.tokens} tokens. Nothing to do."
+        if self.rank:
+            return (
+                f"rank {self.rank}: {self.written_tokens} tokens through the teacher in "
+                f"{self.seconds:.1f} s ({self.tokens_per_s:,.0f} tokens/s); rank 0 finalises {self.url}"
+            )
         bpt = self.nbytes / self.tokens if self.tokens else 0.0
         return (
             f"built {self.url}: {self.tokens} tokens in {self.shards} shards, {bpt:.1f} bytes/token; "
@@ -105,6 +113,8 @@ def build(cfg: BuildConfig) -> BuildResult:
             if ranks.is_main
             else None
         )
+        if writer is not None:
+            _remove_stale_temporaries(writer)
         ranks.barrier()
         if writer is None:
             writer = CacheWriter(cfg.out, draft, owner=False, **cfg.storage_options)
@@ -127,7 +137,13 @@ def build(cfg: BuildConfig) -> BuildResult:
         ranks.barrier()
         if not ranks.is_main:
             return BuildResult(
-                cfg.out, plan.num_tokens, len(plan.shards), 0, time.perf_counter() - start, written
+                cfg.out,
+                plan.num_tokens,
+                len(plan.shards),
+                0,
+                time.perf_counter() - start,
+                written,
+                rank=ranks.rank,
             )
         manifest = writer.finalize(len(plan.shards))
         return BuildResult(
@@ -139,9 +155,11 @@ def build(cfg: BuildConfig) -> BuildResult:
             written,
         )
     except OSError as exc:
+        where = exc.filename or cfg.out
         raise KdcacheError(
-            f"cannot write the cache at {cfg.out}: {exc.strerror or exc}",
-            hint="check free space and permissions; re-running the same command resumes from the last committed shard",
+            f"I/O error at {where} while building {cfg.out}: {exc.strerror or exc}",
+            hint="check the path, free space and permissions; re-running the same command "
+            "resumes from the last committed shard",
         ) from exc
     finally:
         ranks.close()
@@ -180,12 +198,11 @@ def _run(
                 ):
                     signals = _forward(cfg, teacher, batch, generator)
                     host = to_host(signals)
-                    where = f"shard {shard.index} batch {b}"
                     # Bind everything by value: the main thread moves on to the next shard
                     # while this job still waits on the writer thread.
                     worker.submit(
-                        lambda out=out, host=host, batch=batch, where=where: out.write(
-                            records_from(host.numpy(), batch, where)
+                        lambda out=out, host=host, batch=batch, s=shard.index, b=b: out.write(
+                            records_from(host.numpy(), batch, shard=s, batch_index=b)
                         )
                     )
                     bar.update(batch.num_tokens)
@@ -296,6 +313,20 @@ def _encoding(cfg: BuildConfig, vocab_size: int) -> TopkEncoding:
             f"{exc}", hint="see `kdcache build --help` for --id-encoding and --value-encoding"
         ) from None
     return enc
+
+
+def _remove_stale_temporaries(writer: CacheWriter) -> None:
+    """Delete the `.tmp-*` files of atomic writes that a killed run left half-done.
+
+    The owner does this before any rank writes. One left in commits/ would otherwise be read as
+    a commit on resume. (Shard temporaries are each rank's own: `remove_temporaries`.)
+    """
+    for folder in (writer.root, join(writer.root, COMMITS), join(writer.root, TOKENIZER_DIR)):
+        if not writer.fs.isdir(folder):
+            continue
+        for path in writer.fs.ls(folder, detail=False):
+            if posixpath.basename(path.rstrip("/")).startswith(".tmp-"):
+                writer.fs.rm(path, recursive=True)
 
 
 def _store_tokenizer(writer: CacheWriter, tokenizer) -> None:

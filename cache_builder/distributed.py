@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
-import torch
 import torch.distributed as dist
+
+from schemas.errors import ConfigError
+
+BARRIER_TIMEOUT = timedelta(hours=24)
+"""How long a rank waits for the others. The final barrier waits for the slowest rank's whole
+share (on a resumed build, one rank may have everything left to do), so it is long; a rank
+that dies makes torchrun stop the others long before."""
 
 
 @dataclass(frozen=True)
@@ -21,10 +28,16 @@ class Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
+        if os.environ.get("MASTER_PORT") == "0":
+            raise ConfigError(
+                "torchrun --master-port 0 hands every rank port 0, where they never meet",
+                hint="pass --standalone (one machine) or a free --master-port",
+            )
         ranks = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend=backend)
+            # Ranks only wait for each other (no tensor ever moves between them), so gloo
+            # serves CPU and GPU builds alike and keeps NCCL off the teacher's GPU.
+            dist.init_process_group(backend="gloo", timeout=BARRIER_TIMEOUT)
         return ranks
 
     @property

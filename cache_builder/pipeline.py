@@ -18,13 +18,8 @@ import numpy as np
 import torch
 
 from cache_builder.data import PackedBatch
-from cache_builder.topk import TeacherSignals
-from schemas.errors import KdcacheError
+from cache_builder.topk import TeacherSignals, check_finite
 from schemas.record import ShardRecords
-
-
-class NonFiniteLogitsError(KdcacheError):
-    """The teacher produced NaN or inf; the build stops rather than cache garbage."""
 
 
 @dataclass
@@ -63,16 +58,20 @@ def to_host(signals: TeacherSignals) -> HostSignals:
     return HostSignals(tensors, ready)
 
 
-def records_from(host: dict[str, np.ndarray], batch: PackedBatch, where: str) -> ShardRecords:
-    """The records of one packed batch: one sequence per segment, tokens in segment order."""
-    if not np.isfinite(host["lse"]).all():
-        bad = int((~np.isfinite(host["lse"])).sum())
-        rows = sorted({s.source_row for s in batch.segments})[:5]
-        raise NonFiniteLogitsError(
-            f"{where}: the teacher produced NaN/inf logits at {bad} of {host['lse'].size} positions "
-            f"(source rows {rows}...)",
-            hint="try --dtype float32 (bf16/fp16 overflow), and check the teacher's weights",
-        )
+def records_from(
+    host: dict[str, np.ndarray], batch: PackedBatch, *, shard: int, batch_index: int
+) -> ShardRecords:
+    """The records of one packed batch: one sequence per segment, tokens in segment order.
+
+    Raises `NonFiniteError` naming the shard and batch if the teacher's logits hold NaN or
+    +inf (seen through their log-sum-exp, on the host: the device never waits for this check).
+    """
+    check_finite(
+        torch.from_numpy(host["lse"]),
+        batch_index=batch_index,
+        shard=shard,
+        name="logits (through their log-sum-exp)",
+    )
     lengths = [len(s) for s in batch.segments]
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -97,24 +96,42 @@ def records_from(host: dict[str, np.ndarray], batch: PackedBatch, where: str) ->
 
 
 class WriterThread:
-    """Runs jobs in submission order on one thread, with at most `depth` waiting."""
+    """Runs jobs in submission order on one thread, with at most `depth` waiting.
+
+    Once a job fails, no later job runs: a shard's commit is queued behind its writes, and must
+    never run after one of them failed (it would commit a shard missing that batch).
+    """
 
     def __init__(self, depth: int = 3) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
         self._pending: collections.deque[Future[object]] = collections.deque()
         self._depth = depth
+        self._stopped = False  # read and set on the writer thread; set by close()
 
     def submit(self, job: Callable[[], object]) -> None:
         while len(self._pending) >= self._depth:
             self._pending.popleft().result()  # re-raises the job's error here, in the main thread
-        self._pending.append(self._pool.submit(job))
+        self._pending.append(self._pool.submit(self._guarded, job))
+
+    def _guarded(self, job: Callable[[], object]) -> object:
+        if self._stopped:
+            return None
+        try:
+            return job()
+        except BaseException:
+            self._stopped = True
+            raise
 
     def drain(self) -> None:
         while self._pending:
             self._pending.popleft().result()
 
     def close(self) -> None:
-        try:
-            self.drain()
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop: the running job finishes, queued ones are dropped (their shards stay uncommitted).
+
+        Errors of dropped jobs are not raised, so the error that stopped the build is the one
+        reported.
+        """
+        self._stopped = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from cache_builder.topk import TeacherSignals, teacher_signals, teacher_signals_from_logits
+from schemas.errors import KdcacheError
 
 __all__ = ["Teacher", "TeacherError", "TeacherInfo", "load_teacher", "packed_position_ids"]
 
@@ -45,7 +46,7 @@ _DTYPES = {
 _HASH_BLOCK = 1 << 24  # 16 MiB reads keep hashing a 100 GB teacher at disk speed
 
 
-class TeacherError(ValueError):
+class TeacherError(KdcacheError, ValueError):
     """The teacher cannot be loaded or used as asked; the message says how to fix it."""
 
 
@@ -263,7 +264,9 @@ def load_teacher(
         AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except ValueError as e:
         _raise_if_remote_code(name, e)
-        raise TeacherError(f"teacher {name}: transformers cannot read its config.json: {e}") from e
+        raise TeacherError(
+            f"teacher {name}: transformers cannot read its config.json: {str(e).splitlines()[0]}"
+        ) from e
     except OSError as e:
         raise TeacherError(
             f"teacher {name!r} is neither a local model directory nor a Hugging Face model found "

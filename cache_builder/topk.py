@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from schemas.errors import KdcacheError
+
 __all__ = [
     "NonFiniteError",
     "TeacherSignals",
@@ -40,7 +42,7 @@ ChunkFn = Callable[[int, int, int, int], Tensor]
 """(row_start, row_end, vocab_start, vocab_end) -> fresh float32 logits (rows, vocab) to consume."""
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(KdcacheError, ValueError):
     """The teacher produced NaN or inf (hidden states, or logits seen through their lse)."""
 
 
@@ -95,8 +97,10 @@ class TeacherSignals:
         return TeacherSignals(**joined)
 
 
-def check_finite(x: Tensor, *, batch_index: int, name: str = "hidden states") -> None:
-    """Raise `NonFiniteError` naming `batch_index` if `x` holds NaN or +-inf.
+def check_finite(
+    x: Tensor, *, batch_index: int, name: str = "hidden states", shard: int | None = None
+) -> None:
+    """Raise `NonFiniteError` naming `batch_index` (and `shard`) if `x` holds NaN or +-inf.
 
     Use it on the hidden states and on `TeacherSignals.lse`. A logit of -inf is legal (that
     token has probability 0); the lse of a row is finite exactly when its logits are legal (no
@@ -106,11 +110,13 @@ def check_finite(x: Tensor, *, batch_index: int, name: str = "hidden states") ->
     bad = ~torch.isfinite(x)
     if bool(bad.any()):  # deliberate sync: one flag per batch
         first = tuple(bad.nonzero()[0].tolist())
+        where = f"batch {batch_index}" if shard is None else f"shard {shard} batch {batch_index}"
         raise NonFiniteError(
-            f"batch {batch_index}: the teacher's {name} contain NaN or inf "
+            f"{where}: the teacher's {name} contain NaN or inf "
             f"({int(bad.sum())} of {x.numel()} values; first at index {first} of shape "
-            f"{tuple(x.shape)}). Fix: a half-precision teacher may overflow, so rebuild with "
-            f"dtype float32; if it persists, check the teacher's weights and this batch's tokens."
+            f"{tuple(x.shape)})",
+            hint="a half-precision teacher may overflow, so rebuild with --dtype float32; if it "
+            "persists, check the teacher's weights and this batch's tokens",
         )
 
 

@@ -9,7 +9,7 @@ at k = 128, against 7 for the slots themselves) and less when ranks follow slot 
 Both directions take one step per rank on all rows at once. Each row keeps its free slots as a
 bitmask of ceil(k / 8) bytes and the running count of free slots up to each byte; counting the
 free slots below a slot and finding the d-th free slot are then a gather and two table lookups.
-That is O(k) numpy calls on (N,) and (N, k / 8) arrays.
+That is O(k^2 / 8) numpy calls, each on a contiguous length-N array.
 """
 
 from __future__ import annotations
@@ -28,13 +28,16 @@ _SELECT8 = np.array(
 _BIT = (1 << np.arange(8)).astype(np.uint8)
 
 
-def _start(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All slots free: bitmask bytes (N, ceil(k/8)), inclusive free counts per byte, byte index."""
+def _start(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """All slots free: bitmask bytes (ceil(k/8), N) and the free counts up to each byte."""
     nbytes = (k + 7) // 8
     bits = np.clip(k - 8 * np.arange(nbytes), 0, 8)
-    free = np.tile(((1 << bits) - 1).astype(np.uint8), (n, 1))
-    cum = np.cumsum(_POPCOUNT8[free], axis=1, dtype=np.int16)
-    return free, cum, np.arange(nbytes)
+    free = np.repeat(((1 << bits) - 1).astype(np.uint8)[:, None], n, axis=1)
+    return free, np.cumsum(_POPCOUNT8[free], axis=0, dtype=np.int16)
+
+
+# Both loops keep the per-row state transposed, (bytes, N), so that every step works on
+# contiguous length-N rows; a row's byte j is at flat index j * N + row.
 
 
 def lehmer_encode(perm: np.ndarray) -> np.ndarray:
@@ -44,38 +47,47 @@ def lehmer_encode(perm: np.ndarray) -> np.ndarray:
     """
     perm = np.asarray(perm, dtype=np.int64)
     n, k = perm.shape
-    digits = np.empty((n, k), dtype=np.uint8 if k <= 256 else np.uint16)
+    digits = np.empty((k, n), dtype=np.uint8 if k <= 256 else np.uint16)
     if n == 0:
-        return digits
-    free, cum, cols = _start(n, k)
+        return digits.T
+    free, cum = _start(n, k)
+    flat_free, flat_cum = free.reshape(-1), cum.reshape(-1)
     rows = np.arange(n)
+    slots = np.ascontiguousarray(perm.T)  # (k, N)
     for r in range(k):
-        slot = perm[:, r]
-        j, bit = slot >> 3, slot & 7
-        byte = free[rows, j]
-        before = np.where(j > 0, cum[rows, np.maximum(j - 1, 0)], 0)  # free in bytes < j
-        digits[:, r] = before + _POPCOUNT8[byte & (_BIT[bit] - 1)]
-        free[rows, j] = byte & ~_BIT[bit]
-        cum -= cols >= j[:, None]
-    return digits
+        j, bit = slots[r] >> 3, slots[r] & 7
+        at = j * n + rows
+        byte = flat_free[at]
+        before = np.where(j > 0, flat_cum[np.maximum(j - 1, 0) * n + rows], 0)  # bytes < j
+        digits[r] = before + _POPCOUNT8[byte & (_BIT[bit] - 1)]
+        flat_free[at] = byte & ~_BIT[bit]
+        for b in range(cum.shape[0]):
+            cum[b] -= j <= b
+    return np.ascontiguousarray(digits.T)
 
 
 def lehmer_decode(digits: np.ndarray) -> np.ndarray:
     """The permutations (N, k) int64 whose Lehmer digits are `digits` (N, k)."""
     digits = np.asarray(digits)
     n, k = digits.shape
-    perm = np.empty((n, k), dtype=np.int64)
+    perm = np.empty((k, n), dtype=np.int64)
     if n == 0:
-        return perm
-    free, cum, cols = _start(n, k)
+        return perm.T
+    free, cum = _start(n, k)
+    flat_free, flat_cum = free.reshape(-1), cum.reshape(-1)
     rows = np.arange(n)
+    wanted = np.ascontiguousarray(digits.T).astype(np.int16)  # (k, N)
     for r in range(k):
-        want = digits[:, r].astype(np.int16)  # 0-based index among the free slots
-        j = (cum <= want[:, None]).sum(axis=1)  # the byte holding that free slot
-        before = np.where(j > 0, cum[rows, np.maximum(j - 1, 0)], 0).astype(np.int16)
-        byte = free[rows, j]
+        want = wanted[r]  # 0-based index among the free slots
+        j = np.zeros(n, dtype=np.int64)  # the byte holding that free slot
+        for b in range(cum.shape[0] - 1):
+            j += cum[b] <= want
+        before = np.where(j > 0, flat_cum[np.maximum(j - 1, 0) * n + rows], 0)
+        at = j * n + rows
+        byte = flat_free[at]
         bit = _SELECT8[byte, want - before]
-        perm[:, r] = 8 * j + bit
-        free[rows, j] = byte & ~_BIT[bit]
-        cum -= cols >= j[:, None]
-    return perm
+        perm[r] = 8 * j + bit
+        flat_free[at] = byte & ~_BIT[bit]
+        for b in range(cum.shape[0]):
+            cum[b] -= j <= b
+    return np.ascontiguousarray(perm.T)

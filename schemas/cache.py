@@ -172,7 +172,9 @@ class CacheWriter:
         folder = join(self.root, COMMITS)
         if self.fs.exists(folder):
             for path in sorted(self.fs.ls(folder, detail=False)):
-                if path.endswith(".json"):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                # Another rank's commit record may be half-written under a .tmp- name.
+                if name.endswith(".json") and not name.startswith(".tmp-"):
                     info = ShardInfo(**json.loads(self.fs.cat_file(path)))
                     found[info.index] = info
         return found

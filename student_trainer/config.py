@@ -54,7 +54,7 @@ class TrainConfig:
     seed: int = 0
     """--seed: seeds the model initialisation and the data order."""
     shuffle_buffer: int = 1024
-    """--shuffle-buffer: sequences held for shuffling within and across shards."""
+    """--shuffle-buffer: sequences held for shuffling within and across shards (0: shard order only)."""
     num_workers: int = 0
     """--num-workers: DataLoader worker processes decoding shards."""
     checkpoint_every: int = 0
@@ -99,6 +99,8 @@ class TrainConfig:
             (self.batch_tokens >= 2, "--batch-tokens must be at least 2"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
             (self.clip >= 0, "--clip must be >= 0"),
+            (self.shuffle_buffer >= 0, "--shuffle-buffer must be >= 0"),
+            (self.num_workers >= 0, "--num-workers must be >= 0"),
             (
                 self.checkpoint_every >= 0 and self.eval_every >= 0,
                 "--checkpoint-every and --eval-every must be >= 0",

@@ -1,12 +1,25 @@
 """Shards -> sequences, streamed: shuffled, deterministic, split across ranks and workers.
 
 Order of one epoch, all from `seed + epoch`:
-1. the shard list is permuted;
-2. shards are dealt round-robin to the (rank, DataLoader worker) slots;
+1. the shard list is permuted (the same permutation on every rank and worker);
+2. shards are dealt round-robin to the (rank, DataLoader worker) slots: slot
+   `rank * num_workers + worker` of `world_size * num_workers` reads permuted shards
+   `slot, slot + slots, ...`, so the slots partition the epoch: every sequence once, nowhere twice;
 3. each slot reads its shards one at a time and passes their sequences through a shuffle
-   buffer of `buffer_sequences`.
-Memory holds one shard's records plus the buffer, whatever the size of the cache. A corrupt
-shard stops the stream with the shard named, or is counted and skipped with `skip_bad_shards`.
+   buffer of `buffer_sequences` (0 or 1: no mixing, each shard's sequences in stored order).
+Memory holds one shard's records plus the buffer, whatever the size of the cache: a sequence
+entering the buffer is copied out of its shard, so the buffer never pins whole past shards.
+
+Data parallel equals gradient accumulation when every shard is one micro-batch. With W ranks
+(no DataLoader workers) rank r reads permuted shards r, r + W, r + 2W, ...; a single process
+with W times the accumulation reads them all in order. When each shard fills exactly one
+micro-batch, `buffer_sequences <= 1` and the shard count is a multiple of W, optimizer step s
+sees the same micro-batches either way: rank r's a-th micro-batch of a step is the single
+process's micro-batch at accumulation slot r + W * a of that step. Otherwise ranks read other
+(equally shuffled) sequences than one process would: the runs agree in distribution, not exactly.
+
+A corrupt shard stops the stream with the shard named, or is counted and skipped with
+`skip_bad_shards` (counted in the process that reads it: DataLoader workers keep their own).
 """
 
 from __future__ import annotations
@@ -31,6 +44,10 @@ class Sequence:
 
     def __len__(self) -> int:
         return int(self.arrays["input_ids"].shape[0])
+
+    def copy(self) -> Sequence:
+        """The same sequence in arrays of its own (not views into a shard's arrays)."""
+        return Sequence({name: v.copy() for name, v in self.arrays.items()})
 
 
 class ShardStream(IterableDataset):
@@ -79,16 +96,17 @@ class ShardStream(IterableDataset):
             if records is None:
                 continue
             for seq in _sequences(records):
-                if not self.shuffle:
+                if not self.shuffle or self.buffer_sequences <= 1:
                     yield seq
                     continue
+                seq = seq.copy()  # a view would keep its whole shard alive while buffered
                 if len(buffer) < self.buffer_sequences:
                     buffer.append(seq)
                     continue
                 pick = int(rng.integers(len(buffer)))
                 yield buffer[pick]
                 buffer[pick] = seq
-        if self.shuffle:
+        if buffer:
             for pick in rng.permutation(len(buffer)):
                 yield buffer[int(pick)]
 

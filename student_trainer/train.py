@@ -71,6 +71,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     cache = open_cache(cfg.cache, require_complete=True, **cfg.storage_options)
     _check_cache_fits(spec, cfg, cache)
+    if len(cache.shards) < world:  # a rank without shards would leave the others waiting
+        raise IncompatibleCacheError(
+            f"{cache.url} has {len(cache.shards)} shards for {world} ranks; each rank reads whole shards",
+            hint="rebuild the cache with a smaller --shard-tokens, or train on fewer ranks",
+        )
     model, tokenizer, what = load_student(cfg, cache)
     say(
         f"{what}; loss {cfg.loss} {options or ''}; cache {cache.url} ({cache.manifest.num_tokens} tokens, k={cache.layout.k})"
@@ -141,8 +146,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             state["micro"] += 1
             for key, value in stats.items():
                 approx.setdefault(key, []).append(float(value))
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
+        if world > 1:  # log the loss of the whole step, not of this rank's share of it
+            step_loss = _mean_over_ranks(step_loss, device, world)
+        # --clip 0 clips nothing (max_norm inf) but still measures the norm for the log
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip or math.inf)
         optimizer.step()
         schedule.step()
         state["step"] += 1
@@ -154,6 +161,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         row = {
             "step": state["step"],
             "loss": step_loss,
+            "grad_norm": float(grad_norm),  # deliberate sync, once per step
             "lr": schedule.get_last_lr()[0],
             "tokens": state["tokens"],
             "tokens_per_s": tok_s,
@@ -189,6 +197,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)  # deliberate sync, once per step
+    return float(total) / world
 
 
 def _micro_batches(
@@ -245,7 +259,7 @@ def _loss(
     ):
         kwargs["temperature"] = cfg.temperature
     if spec.aux_head:
-        kwargs["aux_student"] = ChunkedStudent(student._h, aux, None, vocab_chunk=cfg.vocab_chunk)  # type: ignore[attr-defined]
+        kwargs["aux_student"] = student.with_head(aux)  # type: ignore[attr-defined]
     loss = spec.fn(student, teacher, **kwargs, stats=stats)
     if cfg.ce_weight:
         loss = loss + cfg.ce_weight * cross_entropy(student, teacher.labels)

@@ -82,6 +82,11 @@ class TeacherRecipe:
     weight_decay: float = 0.1
     """AdamW decay on the matrices (not on norms)."""
     grad_clip: float = 1.0
+    dropout: float = 0.2
+    """Dropout on the token embeddings and on every attention and MLP output, in training only
+    (forward hooks, so the saved model is a plain Llama). The corpus is small and is seen for
+    many epochs: without it the teacher memorises the train split, whose cache would then hold
+    near one-hot distributions."""
     eval_every: int = 100
     """Steps between two validation passes (over the whole validation split)."""
     autocast_bf16: bool = True
@@ -149,6 +154,20 @@ def build_model(recipe: TeacherRecipe) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def add_dropout(model: LlamaForCausalLM, p: float) -> None:
+    """Residual and embedding dropout, which the transformers Llama does not have."""
+
+    def drop(module: torch.nn.Module, args: object, output):
+        if isinstance(output, tuple):  # attention returns (output, weights)
+            return (F.dropout(output[0], p, module.training), *output[1:])
+        return F.dropout(output, p, module.training)
+
+    model.model.embed_tokens.register_forward_hook(drop)
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(drop)
+        layer.mlp.register_forward_hook(drop)
+
+
 def lr_at(step: int, recipe: TeacherRecipe, total: int) -> float:
     if step < recipe.warmup_steps:
         return recipe.lr * (step + 1) / recipe.warmup_steps
@@ -209,8 +228,14 @@ def train_step(model, optimizer, batch, recipe: TeacherRecipe, lr: float) -> flo
 
 
 def calibrate_steps(model, train, valid, recipe: TeacherRecipe) -> int:
-    """How many steps fit in ``recipe.minutes``, timed on a throwaway copy of the model."""
-    probe = copy.deepcopy(model)
+    """How many steps fit in ``recipe.minutes``, timed on a throwaway copy of the model.
+
+    The random state is restored afterwards, so ``--steps N`` reproduces the run exactly."""
+    with torch.random.fork_rng(devices=[]):
+        return _time_steps(copy.deepcopy(model), train, valid, recipe)
+
+
+def _time_steps(probe, train, valid, recipe: TeacherRecipe) -> int:
     optimizer = make_optimizer(probe, recipe)
     sample = chunks(train, recipe.seq_len)[: recipe.batch_size * 6]
     batch_list = list(sample.split(recipe.batch_size))
@@ -236,6 +261,8 @@ def make_teacher(recipe: TeacherRecipe, out: Path) -> dict:
     streams = {split: pack(tokenizer, [d["text"] for d in ds]) for split, ds in docs.items()}
     valid = chunks(streams["validation"], recipe.seq_len)
     model = build_model(recipe)
+    if recipe.dropout > 0:
+        add_dropout(model, recipe.dropout)
     n_params = sum(p.numel() for p in model.parameters())
     steps = recipe.steps or calibrate_steps(model, streams["train"], valid, recipe)
     tokens_per_step = recipe.batch_size * recipe.seq_len

@@ -168,6 +168,12 @@ class ChunkedStudent(StudentLogits):
             z = z + self._b
         return z.float()
 
+    def with_head(self, weight: Tensor, bias: Tensor | None = None) -> ChunkedStudent:
+        """The same hidden states through another lm_head (a dual-head student's aux head)."""
+        return ChunkedStudent(
+            self._h, weight, bias, vocab_chunk=self._vocab_chunk, row_chunk=self._row_chunk
+        )
+
     def scaled(self, temperature: float) -> StudentLogits:
         if temperature == 1.0:
             return self

@@ -227,3 +227,10 @@ def test_deep_validate_finds_bad_records(tmp_path) -> None:
     problems = validate_cache(url, deep=True)
     assert any("rank order" in p.what and p.where == "shards/000000.arrow" for p in problems)
     assert validate_cache(url, deep=False) == []
+
+
+def test_half_written_commit_records_of_other_ranks_are_ignored(tmp_path) -> None:
+    url = str(tmp_path / "c")
+    make_cache(url, shards=2, finalize=False)
+    (tmp_path / "c" / "commits" / ".tmp-abcd-000005.json").write_text('{"name": "shards/0000')
+    assert set(CacheWriter(url, draft()).committed()) == {0, 1}

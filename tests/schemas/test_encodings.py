@@ -107,6 +107,16 @@ def test_round_trip(enc: TopkEncoding, data: tuple[np.ndarray, np.ndarray, int])
     _check_round_trip(enc, ids, lp, vocab)
 
 
+@pytest.mark.parametrize("enc", ALL, ids=lambda e: f"{e.ids}-{e.values}")
+@pytest.mark.parametrize(("n", "k", "vocab"), [(0, 1, 1), (0, 64, 1 << 20), (1, 1, 1), (1, 5, 9)])
+def test_edge_shapes(enc: TopkEncoding, n: int, k: int, vocab: int) -> None:
+    if enc.ids == "uint16" and vocab > 1 << 16:
+        return  # refused, see test_uint16_refuses_large_vocab_and_names_the_fix
+    ids = np.tile(np.arange(vocab - k, vocab)[::-1], (n, 1))
+    lp = np.tile(-np.arange(k, dtype=np.float32) / 3, (n, 1))
+    _check_round_trip(enc, ids, lp, vocab)
+
+
 @pytest.mark.parametrize("ids_name", ["uint32", "sorted"])
 def test_repeated_ids_round_trip(ids_name: str) -> None:
     """Duplicates are outside the contract, but the id codes stay exact on them."""
@@ -137,6 +147,18 @@ def test_lehmer_inverse(k: int, n: int, seed: int) -> None:
 def test_lehmer_identity_is_all_zero() -> None:
     perm = np.tile(np.arange(70), (3, 1))
     assert not lehmer_encode(perm).any()
+
+
+def test_corrupt_codes_are_refused() -> None:
+    enc = TopkEncoding("sorted", "q8c")
+    ids = np.array([[4, 1, 7]])
+    parts = enc.encode(ids, np.array([[0.0, -1.0, -2.0]], np.float32), 8)
+    bad = dict(parts, topk_id_lehmer=np.array([[0, 2, 0]], np.uint8))  # digit 1 must be < 2
+    with pytest.raises(ValueError, match="topk_id_lehmer"):
+        enc.decode(bad)
+    bad = dict(parts, topk_logprob_codes=np.array([[0, 200, 100]], np.uint8))
+    with pytest.raises(ValueError, match="topk_logprob_codes"):
+        enc.decode(bad)
 
 
 def test_uint16_refuses_large_vocab_and_names_the_fix() -> None:
