@@ -76,7 +76,11 @@ def _table(runs: dict, caches: dict[str, str], seconds: float) -> str:
         ("validation CE, first eval (nats)", kd_before.get("eval_ce"), ce_before.get("eval_ce")),
         ("validation CE, after (nats)", kd.eval["eval_ce"], ce.eval["eval_ce"]),
         ("KL(teacher top-k || student), after", kd.eval["eval_kl_topk"], ce.eval["eval_kl_topk"]),
-        ("top-1 agreement with the teacher", kd.eval["eval_top1_agreement"], ce.eval["eval_top1_agreement"]),
+        (
+            "top-1 agreement with the teacher",
+            kd.eval["eval_top1_agreement"],
+            ce.eval["eval_top1_agreement"],
+        ),
     ]
     lines = [
         "",

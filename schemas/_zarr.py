@@ -28,10 +28,14 @@ CHUNK_TOKENS = 1 << 16
 def _store(fs: AbstractFileSystem, path: str, read_only: bool) -> zarr.abc.store.Store:
     if is_local(fs):
         return zarr.storage.LocalStore(path, read_only=read_only)
+    # Zarr drives the store from its own event loop, so it needs a filesystem made for that:
+    # sync ones are wrapped, async ones (s3fs, gcsfs) re-created with asynchronous=True.
     if not getattr(fs, "async_impl", False):
         from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-        fs = AsyncFileSystemWrapper(fs)
+        fs = AsyncFileSystemWrapper(fs, asynchronous=True)
+    elif not fs.asynchronous:
+        fs = type(fs)(**{**fs.storage_options, "asynchronous": True})
     return zarr.storage.FsspecStore(fs, path=path, read_only=read_only)
 
 

@@ -27,7 +27,7 @@ from schemas.encodings import TopkEncoding
 from schemas.errors import CacheCorruptError, CacheNotFoundError
 from schemas.manifest import SHARD_DIR, ShardInfo
 from schemas.record import Layout, ShardRecords
-from schemas.storage import join
+from schemas.storage import is_local, join
 
 IDENTITY_KEY = "kdcache"
 """Key of the identity metadata every shard carries (Arrow schema metadata, Zarr attributes)."""
@@ -53,9 +53,15 @@ class ShardWriter(ABC):
         self.layout, self.encoding = layout, encoding
         self.identity = {**identity, "shard_index": index}
         self.name = shard_name(index, self.suffix)
-        self.tmp_path = join(
-            root, SHARD_DIR, f".tmp-{index:06d}-{uuid.uuid4().hex[:8]}{self.suffix}"
-        )
+        final = join(root, self.name)
+        # Local disks write under a temporary name and rename (atomic). Object stores have no
+        # rename (a "move" copies every object), so they write under the final name, clearing
+        # an uncommitted leftover first; either way, only the commit makes a shard visible.
+        self.direct = not is_local(fs)
+        if self.direct and fs.exists(final):
+            fs.rm(final, recursive=True)
+        tmp = join(root, SHARD_DIR, f".tmp-{index:06d}-{uuid.uuid4().hex[:8]}{self.suffix}")
+        self.tmp_path = final if self.direct else tmp
         self.num_tokens = 0
         self.num_sequences = 0
         self._done = False
@@ -80,9 +86,10 @@ class ShardWriter(ABC):
         self._close()
         checksum, nbytes = self._checksum(self.tmp_path)
         final = join(self.root, self.name)
-        if self.fs.exists(final):  # an uncommitted leftover of a crashed run: never listed
-            self.fs.rm(final, recursive=True)
-        self.fs.mv(self.tmp_path, final, recursive=True)
+        if not self.direct:
+            if self.fs.exists(final):  # an uncommitted leftover of a crashed run: never listed
+                self.fs.rm(final, recursive=True)
+            self.fs.mv(self.tmp_path, final, recursive=True)
         self._done = True
         return ShardInfo(
             name=self.name,

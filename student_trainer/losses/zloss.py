@@ -39,7 +39,9 @@ def cross_entropy(student: StudentLogits, labels: Tensor) -> Tensor:
     return (student.lse() - target).mean()
 
 
-def ce(student: StudentLogits, teacher: TeacherBatch, *, stats: dict[str, Tensor] | None = None) -> Tensor:
+def ce(
+    student: StudentLogits, teacher: TeacherBatch, *, stats: dict[str, Tensor] | None = None
+) -> Tensor:
     """Plain next-token cross-entropy on the cached labels: the SFT baseline, no teacher signal."""
     return cross_entropy(student, teacher.labels)
 
