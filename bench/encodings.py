@@ -468,8 +468,8 @@ def render(result: dict) -> str:
         stated = top["stated_max_abs_error"]
         lines.append(
             f"| {enc} | {' | '.join(cells)} | {top['kl_mean']:.1e} (max {top['kl_max']:.1e}) | "
-            f"{top['max_abs_error']:.3g} / {top['max_abs_error_covered']:.3g} / "
-            f"{'exact' if stated is None else f'{stated:.3g}'} | "
+            f"{top['max_abs_error']:.4g} / {top['max_abs_error_covered']:.4g} / "
+            f"{'exact' if stated is None else f'{stated:.4g}'} | "
             f"{_rate(top['decode_tokens_per_s'])} |"
         )
     lines += [
@@ -569,6 +569,23 @@ def _findings(result: dict) -> list[str]:
                 f"({best['ids']} + {best['values']}: {best['zarr_bytes_per_token']:.1f}, KL "
                 f"{best['kl_mean']:.1e})."
             )
+            sorted_ids = next(
+                r for r in result["ids"] if (r["data"], r["k"], r["ids"]) == (name, k, "sorted")
+            )
+            smallest_values = min(
+                (r for r in result["values"] if r["k"] == k and r["kl_mean"] < KL_GOAL),
+                key=lambda r: r["zarr_bytes_per_token"],
+            )
+            order_floor = (
+                sorted_ids["zarr_bytes_per_token_by_column"]["topk_id_gaps"]
+                + math.lgamma(k + 1) / math.log(2) / 8
+                + smallest_values["zarr_bytes_per_token"]
+            )
+            if verdict == "missed" and order_floor > goal:
+                line += (
+                    f" Even with the order at its bound log2(k!)/8, this set coding and the "
+                    f"smallest values ({smallest_values['values']}) need {order_floor:.1f}."
+                )
             if floor > goal:
                 line += (
                     f" The ids alone cost k H0/8 = {floor:.1f} under an ideal coder that sees one "

@@ -30,7 +30,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +342,7 @@ class _Study:
 
 
 def _build_caches(
-    out: Path, sizes: Sizes, teacher: str | None, dataset: str | None, eval_dataset: str | None
+    out: Path, sizes: Sizes, teacher: str, dataset: str, eval_dataset: str
 ) -> dict[str, str]:
     """k and k_small caches of the train split (same sequences), and the held-out cache."""
     common = dict(
@@ -354,7 +354,7 @@ def _build_caches(
         progress=False,
     )
     train = dict(dataset=dataset, split="train")
-    valid = dict(dataset=eval_dataset, split="train" if eval_dataset else "validation")
+    valid = dict(dataset=eval_dataset, split="train")
     configs = {
         "k": BuildConfig(
             out=str(out / f"train-k{sizes.k}-s{sizes.samples}"),
@@ -379,13 +379,11 @@ def _build_caches(
     return {name: cfg.out for name, cfg in configs.items()}
 
 
-def _subset(split: str, stride: int, limit: int | None, folder: Path) -> str | None:
+def _subset(split: str, stride: int, limit: int | None, folder: Path) -> str:
     """Every `stride`-th of the first `limit` documents of the embedded corpus `split`, as
-    jsonl; None when that is the whole split (the builder then reads the corpus itself)."""
+    jsonl (read back as split "train": the builder takes a file's rows as that split)."""
     from cache_builder.default import default_corpus
 
-    if stride == 1 and limit is None:
-        return None
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{split}-every{stride}-first{limit or 'all'}.jsonl"
     docs = default_corpus(split)[:limit][::stride]  # type: ignore[arg-type]
@@ -397,11 +395,11 @@ def run(
     quick: bool = False,
     seeds: tuple[int, ...] = (0, 1, 2),
     steps: int | None = None,
-    other_seeds: tuple[int, ...] | None = None,
     batch_tokens: int | None = None,
     eval_tokens: int | None = None,
     eval_every: int | None = None,
     *,
+    close: float | None = 0.25,
     teacher: str | None = None,
     dataset: str | None = None,
     eval_dataset: str | None = None,
@@ -414,9 +412,11 @@ def run(
 ) -> dict[str, Any]:
     """Run the study and return its results; also write them under `results` (None: don't).
 
-    The headline methods (SFT, online KD, fkl, fkl-tail) run on every seed of `seeds`; the rest
-    of the registry on `other_seeds` (default: the first seed), a subset of `seeds`. `only` keeps the methods whose names start with one of its entries (SFT and online KD are
-    always kept, as the references).
+    Every method runs on the first seed. The headline methods (SFT, online KD, fkl, fkl-tail)
+    run on every seed, and so does any other loss whose first-seed validation CE lies within
+    `close` nats of SFT's or online KD's (the close calls); `close=None` runs everything on
+    every seed. `only` keeps the methods whose names start with one of its entries (SFT and
+    online KD are always kept, as the references).
     """
     from transformers import AutoConfig
 
@@ -426,34 +426,18 @@ def run(
     start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    base = QUICK if quick else Sizes()
-    sizes = Sizes(
-        **{
-            **asdict(base),
-            **{
-                k: v
-                for k, v in dict(
-                    steps=steps,
-                    batch_tokens=batch_tokens,
-                    eval_tokens=eval_tokens,
-                    eval_every=eval_every,
-                ).items()
-                if v is not None
-            },
-        }
-    )
-    if steps is not None and eval_every is None:
-        sizes = Sizes(**{**asdict(sizes), "eval_every": max(1, sizes.steps // 10)})
+    given = dict(steps=steps, batch_tokens=batch_tokens, eval_tokens=eval_tokens)
+    sizes = replace(QUICK if quick else Sizes(), **{k: v for k, v in given.items() if v})
+    if eval_every or steps:
+        sizes = replace(sizes, eval_every=eval_every or max(1, sizes.steps // 5))
     if sizes.warmup >= sizes.steps:
-        sizes = Sizes(**{**asdict(sizes), "warmup": max(1, sizes.steps // 10)})
+        sizes = replace(sizes, warmup=max(1, sizes.steps // 10))
     dev = torch.device(
         device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     out = Path(out) / ("quick" if quick else "full")
-    if dataset is None:
-        dataset = _subset("train", sizes.train_stride, None, out / "data")
-    if eval_dataset is None:
-        eval_dataset = _subset("validation", 1, sizes.eval_documents, out / "data")
+    dataset = dataset or _subset("train", sizes.train_stride, None, out / "data")
+    eval_dataset = eval_dataset or _subset("validation", 1, sizes.eval_documents, out / "data")
     teacher_dir = teacher or str(DEFAULT_TEACHER_DIR)
     caches = _build_caches(out, sizes, teacher_dir, dataset, eval_dataset)
 
@@ -472,25 +456,32 @@ def run(
         or m.loss in ("ce", None)
         or any(m.name.startswith(prefix) for prefix in only)
     ]
-    others = seeds[:1] if other_seeds is None else other_seeds
-    if not set(others) <= set(seeds):
-        raise ValueError(f"other_seeds {others} must be a subset of seeds {seeds}")
     runs: dict[str, dict[str, Any]] = {m.name: {} for m in chosen}
-    for seed in seeds:
-        for m in chosen:
-            if not m.core and seed not in others:
-                continue
-            r = study.train(m, seed)
-            runs[m.name][str(seed)] = r
-            f = r["final"]
-            _say(
-                f"seed {seed} {m.name:<22} CE {f['ce']:.4f}  KL {f['kl']:.4f}  "
-                f"top-1 {f['top1']:.3f}  ({r['seconds']:.0f} s)"
-            )
+
+    def train(m: Method, seed: int) -> float:
+        r = runs[m.name][str(seed)] = study.train(m, seed)
+        f = r["final"]
+        _say(
+            f"seed {seed} {m.name:<22} CE {f['ce']:.4f}  KL {f['kl']:.4f}  "
+            f"top-1 {f['top1']:.3f}  ({r['seconds']:.0f} s)"
+        )
+        return f["ce"]
+
+    first = {m.name: train(m, seeds[0]) for m in chosen}
+    refs = (first[chosen[0].name], first[chosen[1].name])  # SFT, online KD
+    repeated = [
+        m
+        for m in chosen
+        if m.core or close is None or min(abs(first[m.name] - r) for r in refs) <= close
+    ]
+    for seed in seeds[1:]:
+        for m in repeated:
+            train(m, seed)
     report = _report(sizes, chosen, runs, study, time.perf_counter() - start)
     report["settings"].update(
         seeds=list(seeds),
-        other_seeds=list(others),
+        close_nats=close,
+        repeated=[m.name for m in repeated if not m.core],
         device=str(dev),
         teacher=teacher_dir,
         student_config=str(config_path),
@@ -621,9 +612,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"Teacher CE on the same {s['held_out_tokens']} held-out tokens: "
         f"{report['teacher']['held_out_ce']:.3f} nats. Every run: {s['steps']} steps of "
         f"~{s['batch_tokens']} tokens, AdamW lr {s['lr']} (warm-up {s['warmup']}, cosine to 10%), "
-        f"clip {s['clip']}. Headline methods on seeds {s['seeds']}, the other losses on seeds "
-        f"{s['other_seeds']}; mean ± sample std over seeds; ΔCE and the gap to online KD are "
-        "paired by seed (same initialisation and data order). s/step excludes evaluation.",
+        f"clip {s['clip']}. Every method on seed {s['seeds'][0]}; the headline methods on seeds "
+        f"{s['seeds']}, and so is any other loss within {s['close_nats']} nats of SFT or online KD "
+        f"on seed {s['seeds'][0]} (here: {', '.join(s['repeated']) or 'none'}). Mean ± sample std "
+        "over seeds; ΔCE and the gap to online KD are paired by seed (same initialisation and "
+        "data order). s/step excludes evaluation.",
         "",
     ]
     for name, gap in summary["ce_gap_vs_online"].items():
@@ -729,10 +722,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--other-seeds",
-        type=int,
-        nargs="+",
-        help="seeds for the non-headline losses (default: the first of --seeds)",
+        "--close",
+        type=float,
+        default=0.25,
+        help="other losses within this many nats of SFT or online KD on the first seed also "
+        "run on every seed (default 0.25; a negative value: every loss on every seed)",
     )
     parser.add_argument("--steps", type=int, help=f"optimizer steps (default {Sizes.steps})")
     parser.add_argument("--batch-tokens", type=int, help=f"default {Sizes.batch_tokens}")
@@ -755,8 +749,8 @@ def main(argv: list[str] | None = None) -> None:
         quick=args.quick,
         seeds=tuple(args.seeds if not args.quick or args.seeds != [0, 1, 2] else [0]),
         steps=args.steps,
-        other_seeds=tuple(args.other_seeds) if args.other_seeds else None,
         batch_tokens=args.batch_tokens,
+        close=None if args.close < 0 else args.close,
         eval_tokens=args.eval_tokens,
         eval_every=args.eval_every,
         teacher=args.teacher,

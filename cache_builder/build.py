@@ -10,6 +10,7 @@ rank 0: manifest marked complete once every shard is committed
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import posixpath
 import sys
 import tempfile
@@ -78,17 +79,24 @@ def build(cfg: BuildConfig) -> BuildResult:
     ranks = Ranks.from_env()
     say = _say if ranks.is_main else _quiet
     try:
-        teacher_name, dataset, dataset_label = _resolve_defaults(cfg, say)
+        teacher_name, dataset, dataset_label, read_split = _resolve_defaults(cfg, say)
         tokenizer, notes = load_tokenizer(
             teacher_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
         for note in notes:
             say(note)
+        # Documents longer than the model's context are windowed below, so transformers'
+        # "sequence length is longer than the specified maximum" warning does not apply.
+        tokenizer.model_max_length = sys.maxsize
 
         def stream() -> Iterator[Segment]:
             rows = load_rows(
-                dataset, split=cfg.split, text_field=cfg.text_field, chat_template=cfg.chat_template
+                dataset,
+                split=read_split,
+                text_field=cfg.text_field,
+                chat_template=cfg.chat_template,
             )
+            rows = itertools.islice(rows, cfg.max_documents)  # None: all of them
             docs = tokenize_rows(
                 rows, tokenizer, text_field=cfg.text_field, chat_template=cfg.chat_template
             )
@@ -246,7 +254,7 @@ def _plan(stream: Iterator[Segment], cfg: BuildConfig, label: str) -> tuple[Buil
     hasher = StreamHasher()
     lengths = []
     for seg in stream:
-        hasher.update(seg.source_row * 2**32 + seg.source_start, seg.input_ids)
+        hasher.update(seg.source_row, seg.input_ids, seg.source_start)
         lengths.append(len(seg))
     plan = make_plan(lengths, cfg.shard_tokens)
     info = dict(
@@ -341,9 +349,11 @@ def _store_tokenizer(writer: CacheWriter, tokenizer) -> None:
             )
 
 
-def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str]:
-    """(teacher, dataset path, dataset label), falling back to the embedded default."""
-    teacher, dataset, label = cfg.teacher, cfg.dataset, cfg.dataset
+def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str, str]:
+    """(teacher, dataset path, dataset label, split to read), falling back to the embedded
+    default. The embedded corpus is written one file per split, and a file holds one split
+    ("train"), so the split asked for decides the file and "train" is what is read from it."""
+    teacher, dataset, label, read_split = cfg.teacher, cfg.dataset, cfg.dataset, cfg.split
     if teacher is None or dataset is None:
         from cache_builder import default
 
@@ -353,11 +363,12 @@ def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str]:
         if dataset is None:
             folder = Path(tempfile.gettempdir()) / "kdcache-default-data"
             dataset = str(default.write_default_dataset(folder, cfg.split))
-            label = f"embedded:python-docs:{cfg.split}"
+            label, read_split = f"embedded:python-docs:{cfg.split}", "train"
             say(
-                f"no --dataset given: using the embedded default corpus, split {cfg.split} (Python's own documentation)"
+                f"no --dataset given: using the embedded default corpus, split {cfg.split} "
+                "(Python's own documentation)"
             )
-    return teacher, dataset, label or dataset
+    return teacher, dataset, label or dataset, read_split
 
 
 def _device(name: str, ranks: Ranks) -> str:

@@ -37,6 +37,8 @@ class BuildConfig:
     """--text-field: the column holding the text (a pre-tokenized `input_ids` column is used as is)."""
     chat_template: bool = False
     """--chat-template: render a `messages` column with the tokenizer's chat template."""
+    max_documents: int | None = None
+    """--max-documents: use only the first N rows of the dataset (quick trials); None: all."""
     max_length: int = 2048
     """--max-length: tokens per packed row; longer documents are split into windows."""
     top_k: int = 64
@@ -72,6 +74,10 @@ class BuildConfig:
         checks = [
             (self.max_length >= 2, "--max-length must be at least 2"),
             (self.top_k >= 1, "--top-k must be at least 1"),
+            (
+                self.max_documents is None or self.max_documents >= 1,
+                "--max-documents must be at least 1",
+            ),
             (self.samples >= 0, "--samples must be 0 or more"),
             (
                 self.samples <= 65535,

@@ -180,6 +180,9 @@ def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
     help="Render a `messages` column with the tokenizer's chat template.",
 )
 @click.option(
+    "--max-documents", type=int, help="Use only the first N rows of the dataset (quick trials)."
+)
+@click.option(
     "--max-length",
     default=2048,
     show_default=True,
@@ -265,33 +268,9 @@ def build(**opts: Any) -> None:
     from cache_builder import BuildConfig
     from cache_builder import build as run_build
 
-    cfg = BuildConfig(
-        out=opts["out"],
-        teacher=opts["teacher"],
-        revision=opts["revision"],
-        dtype=opts["dtype"],
-        device=opts["device"],
-        attn_implementation=opts["attn_implementation"],
-        trust_remote_code=opts["trust_remote_code"],
-        dataset=opts["dataset"],
-        split=opts["split"],
-        text_field=opts["text_field"],
-        chat_template=opts["chat_template"],
-        max_length=opts["max_length"],
-        top_k=opts["top_k"],
-        samples=opts["samples"],
-        sample_temperature=opts["sample_temperature"],
-        temperatures=_floats(opts["temperatures"]),
-        value_encoding=opts["value_encoding"],
-        id_encoding=opts["id_encoding"],
-        format=opts["fmt"],
-        shard_tokens=opts["shard_tokens"],
-        batch_tokens=opts["batch_tokens"],
-        vocab_chunk=opts["vocab_chunk"],
-        seed=opts["seed"],
-        overwrite=opts["overwrite"],
-        progress=opts["progress"],
-    )
+    opts["format"] = opts.pop("fmt")
+    opts["temperatures"] = _floats(opts["temperatures"])
+    cfg = BuildConfig(**opts)
     click.echo(run_build(cfg).summary())
 
 

@@ -46,10 +46,10 @@ def vocab_extends(base: dict[str, int], extended: dict[str, int]) -> bool:
 
 
 class StreamHasher:
-    """A running hash of a token stream: documents in order, each with its source row.
+    """A running hash of a token stream: windows of documents in order, with where each came from.
 
-    Two builds that saw the same documents, tokenised the same way, in the same order, get the
-    same dataset fingerprint whatever the files were called.
+    Two builds that saw the same documents, tokenised and windowed the same way, in the same
+    order, get the same dataset fingerprint whatever the files were called.
     """
 
     def __init__(self) -> None:
@@ -57,11 +57,12 @@ class StreamHasher:
         self.num_documents = 0
         self.num_tokens = 0
 
-    def update(self, source_row: int, token_ids: Iterable[int]) -> None:
-        ids = np.asarray(list(token_ids) if not isinstance(token_ids, np.ndarray) else token_ids)
-        self._h.update(struct.pack("<qq", source_row, ids.size))
+    def update(self, source_row: int, token_ids: Iterable[int], source_start: int = 0) -> None:
+        """Add one window: tokens `source_start:` of document `source_row`."""
+        ids = np.asarray(token_ids if isinstance(token_ids, np.ndarray) else list(token_ids))
+        self._h.update(struct.pack("<qqq", source_row, source_start, ids.size))
         self._h.update(ids.astype("<i8").tobytes())
-        self.num_documents += 1
+        self.num_documents += source_start == 0
         self.num_tokens += int(ids.size)
 
     def hexdigest(self) -> str:

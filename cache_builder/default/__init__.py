@@ -6,10 +6,12 @@ docstrings of a fixed allow-list of standard-library modules together with their
 functions and methods. Nothing is downloaded.
 
 The text is extracted deterministically from the *running* interpreter, so it is identical
-between runs and processes of one Python build, but it differs slightly between Python versions
-(docstrings are edited, modules gain and lose members, a few modules are removed). The committed
-teacher records the version whose documentation it was trained on in ``teacher/TRAINING.json``;
-a cache's dataset fingerprint tells the two apart.
+between runs and processes of one Python build (whatever else the process has imported, and
+wherever it is installed), but it differs slightly between Python versions (docstrings are
+edited, modules gain and lose members, a few modules are removed) and between operating systems
+(``os``, ``signal`` and ``socket`` expose different functions). The committed teacher records the
+Python version whose documentation it was trained on, and a hash of each split, in
+``teacher/TRAINING.json``; a cache's dataset fingerprint tells the texts apart.
 
 Example::
 
@@ -120,12 +122,18 @@ def _signature(obj: object) -> str:
     except (ValueError, TypeError):  # many builtins have no introspectable signature
         return ""
     params = [
-        p.replace(default=_Elided())
-        if isinstance(p.default, str) and p.default in _LOCAL_DEFAULTS
-        else p
+        p.replace(default=_Elided()) if _is_local(p.default) else p
         for p in signature.parameters.values()
     ]
     return str(signature.replace(parameters=params))
+
+
+def _is_local(default: object) -> bool:
+    """Defaults whose repr depends on the machine or on the process's state so far
+    (``logging.shutdown(handlerList=...)`` lists the handlers created until now)."""
+    if isinstance(default, (list, dict, set)) and default:
+        return True
+    return isinstance(default, str) and default in _LOCAL_DEFAULTS
 
 
 def _own_doc(obj: object) -> str | None:
@@ -134,19 +142,28 @@ def _own_doc(obj: object) -> str | None:
     return inspect.cleandoc(doc) if isinstance(doc, str) and doc.strip() else None
 
 
+def _is_stdlib(module_name: str | None) -> bool:
+    """Whether an object defined in ``module_name`` comes with Python (``None``: a C slot)."""
+    return module_name is None or module_name.split(".")[0] in sys.stdlib_module_names
+
+
 def _own_members(module: ModuleType) -> list[tuple[str, object]]:
     """Public classes and functions defined by ``module`` or by its C accelerator.
 
     ``json.dumps`` belongs to ``json``; ``heapq.heappush`` (from ``_heapq``) to ``heapq``;
-    ``asyncio.Task`` is left to ``asyncio.tasks`` so that no docstring appears twice.
+    ``asyncio.Task`` is left to ``asyncio.tasks`` so that no docstring appears twice, and
+    what other imported packages attach to a standard module is left out.
     """
     name = module.__name__
     owners = {name, "_" + name.rsplit(".", 1)[-1], "_" + name.replace(".", "_")}
     members = []
     for attr, obj in sorted(vars(module).items()):
+        if name == "sys" and hasattr(module, f"__{attr}__"):
+            obj = getattr(module, f"__{attr}__")  # the original hook, which tools may replace
         if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
             continue
-        if name == "builtins" or getattr(obj, "__module__", None) in owners:
+        module_of = getattr(obj, "__module__", None)
+        if module_of in owners or (name == "builtins" and _is_stdlib(module_of)):
             members.append((attr, obj))
     return members
 
@@ -167,6 +184,8 @@ def _module_text(module: ModuleType) -> str:
         for method_name, method in sorted(vars(obj).items()):
             if method_name.startswith("_") or not inspect.isroutine(method):
                 continue
+            if not _is_stdlib(getattr(method, "__module__", None)):
+                continue  # patched in by another package (transformers adds Logger.info_once)
             doc = _own_doc(method)
             if doc is not None:
                 parts.append(f"{qualname}.{method_name}{_signature(method)}\n\n{doc}")

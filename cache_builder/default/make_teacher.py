@@ -8,16 +8,19 @@ Three steps, all deterministic from ``--seed`` once the number of steps is fixed
 1. a byte-level BPE tokenizer (``tokenizers``) on the train split, with ``<|endoftext|>`` as its
    only special token (bos, eos and pad, id 0) and a tiny chat template;
 2. a small Llama trained with AdamW, linear warmup and cosine decay on the train split, packed
-   GPT-2 style into sequences of ``--seq-len`` tokens (every document is preceded by
+   GPT-2 style into sequences of ``seq_len`` tokens (every document is preceded by
    ``<|endoftext|>``; attention crosses document boundaries), with the validation loss printed
    along the way;
 3. the model saved in bfloat16 safetensors beside the tokenizer, plus ``TRAINING.json`` with the
    settings, corpus statistics, the Python version whose documentation was used and the loss
    curve.
 
-``--minutes`` is turned into a step count by timing a few throwaway steps first, so the run
-length depends on the machine. ``TRAINING.json`` records the steps taken: pass them back with
-``--steps`` to reproduce a teacher exactly (same Python docs, torch version and CPU kind).
+The run length is ``--epochs`` over the train split (6 by default: on this small corpus more
+epochs barely lower the validation loss but let the teacher memorise the train split, and the
+demo's cache is built on that split). ``--minutes`` caps it on slow machines, by timing a few
+throwaway steps first; only then does the run length depend on the machine. ``TRAINING.json``
+records the steps taken: pass them back with ``--steps`` to reproduce a teacher exactly (same
+Python docs, torch version and CPU kind).
 """
 
 from __future__ import annotations
@@ -57,11 +60,14 @@ class TeacherRecipe:
     """Everything that decides the teacher; saved to ``TRAINING.json`` with the result."""
 
     seed: int = 0
-    """Seeds the initialisation, the order of training sequences and the calibration."""
+    """Seeds the initialisation, the dropout masks and the order of training sequences."""
     steps: int | None = None
-    """Optimizer steps. ``None`` derives them from ``minutes`` by timing a few steps."""
+    """Optimizer steps. ``None`` derives them from ``epochs``, capped by ``minutes``."""
+    epochs: float = 6.0
+    """Passes over the train split when ``steps`` is not given."""
     minutes: float = 20.0
-    """Wall-clock budget for training when ``steps`` is not given (evaluation included)."""
+    """Wall-clock cap on training when ``steps`` is not given (evaluation included), applied
+    by timing a few steps."""
     vocab_size: int = 8192
     """BPE vocabulary including ``<|endoftext|>``; large enough that top-k is a real choice."""
     hidden_size: int = 256
@@ -227,6 +233,15 @@ def train_step(model, optimizer, batch, recipe: TeacherRecipe, lr: float) -> flo
     return loss.item()
 
 
+def steps_for(model, train, valid, recipe: TeacherRecipe) -> int:
+    """``recipe.epochs`` worth of steps, or fewer if they would not fit in ``recipe.minutes``."""
+    tokens_per_step = recipe.batch_size * recipe.seq_len
+    return min(
+        math.ceil(recipe.epochs * train.numel() / tokens_per_step),
+        calibrate_steps(model, train, valid, recipe),
+    )
+
+
 def calibrate_steps(model, train, valid, recipe: TeacherRecipe) -> int:
     """How many steps fit in ``recipe.minutes``, timed on a throwaway copy of the model.
 
@@ -257,14 +272,18 @@ def make_teacher(recipe: TeacherRecipe, out: Path) -> dict:
     started = time.perf_counter()
     docs = {split: default_corpus(split) for split in ("train", "validation")}
     tokenizer = train_tokenizer([d["text"] for d in docs["train"]], recipe.vocab_size)
-    assert len(tokenizer) == recipe.vocab_size, len(tokenizer)
+    if len(tokenizer) != recipe.vocab_size:
+        raise RuntimeError(
+            f"the train split only supports {len(tokenizer)} BPE tokens, not "
+            f"{recipe.vocab_size}: pass --vocab-size {len(tokenizer)} or less"
+        )
     streams = {split: pack(tokenizer, [d["text"] for d in ds]) for split, ds in docs.items()}
     valid = chunks(streams["validation"], recipe.seq_len)
     model = build_model(recipe)
     if recipe.dropout > 0:
         add_dropout(model, recipe.dropout)
     n_params = sum(p.numel() for p in model.parameters())
-    steps = recipe.steps or calibrate_steps(model, streams["train"], valid, recipe)
+    steps = recipe.steps or steps_for(model, streams["train"], valid, recipe)
     tokens_per_step = recipe.batch_size * recipe.seq_len
     print(
         f"corpus: train {len(docs['train'])} docs {streams['train'].numel()} tokens, "
@@ -377,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--minutes", type=float, default=20.0, help="budget if --steps is unset")
+    parser.add_argument("--epochs", type=float, default=TeacherRecipe.epochs)
+    parser.add_argument("--minutes", type=float, default=20.0, help="cap if --steps is unset")
     parser.add_argument("--steps", type=int, default=None, help="exact step count (reproduces)")
     parser.add_argument("--vocab-size", type=int, default=TeacherRecipe.vocab_size)
     parser.add_argument("--no-bf16", action="store_true", help="float32 matmuls")
@@ -392,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = TeacherRecipe(
         seed=args.seed,
         steps=args.steps,
+        epochs=args.epochs,
         minutes=args.minutes,
         vocab_size=args.vocab_size,
         autocast_bf16=not args.no_bf16,

@@ -295,3 +295,9 @@ def test_python_api_reads_a_cache_without_torch(sampled_cache) -> None:
     code = f"import sys\nfrom schemas import open_cache\nr = open_cache({sampled_cache!r}).read_shard(0)\nprint(r.num_tokens > 0, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_max_documents_limits_the_build(tiny_llama_dir, data_file, tmp_path) -> None:
+    small = build(small_build(tiny_llama_dir, data_file, tmp_path / "few", max_documents=3))
+    assert open_cache(str(tmp_path / "few")).manifest.dataset.num_documents == 3
+    assert small.tokens < build(small_build(tiny_llama_dir, data_file, tmp_path / "all")).tokens
