@@ -427,8 +427,8 @@ def _cpu_name() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux): fall back to what platform knows
+        return platform.processor() or platform.machine()
     return platform.processor() or platform.machine()
 
 

@@ -382,4 +382,4 @@ def _say(message: str) -> None:
 
 
 def _quiet(message: str) -> None:
-    pass
+    """What ranks other than 0 say: nothing (rank 0 speaks for the build)."""
