@@ -301,3 +301,33 @@ def test_max_documents_limits_the_build(tiny_llama_dir, data_file, tmp_path) -> 
     small = build(small_build(tiny_llama_dir, data_file, tmp_path / "few", max_documents=3))
     assert open_cache(str(tmp_path / "few")).manifest.dataset.num_documents == 3
     assert small.tokens < build(small_build(tiny_llama_dir, data_file, tmp_path / "all")).tokens
+
+
+def test_student_vocabulary_may_extend_the_teachers_only_when_allowed(
+    sampled_cache, tiny_llama_dir, tmp_path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from schemas.errors import IncompatibleCacheError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.add_tokens(["<|tool_call|>"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path / "extended")
+    tokenizer.save_pretrained(tmp_path / "extended")
+    common = dict(
+        cache=sampled_cache,
+        student=str(tmp_path / "extended"),
+        loss="fkl",
+        max_steps=1,
+        batch_tokens=192,
+        progress=False,
+        save_model=False,
+    )
+    with pytest.raises(IncompatibleCacheError, match="allow-vocab-extension"):
+        train(TrainConfig(out=str(tmp_path / "refused"), **common))
+    assert (
+        train(TrainConfig(out=str(tmp_path / "ok"), allow_vocab_extension=True, **common)).steps
+        == 1
+    )
