@@ -16,10 +16,16 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
+def _wide(x: Tensor) -> Tensor:
+    """`x` in at least float32 (bf16/fp16 are widened; float64 stays float64 for gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class StudentLogits(ABC):
     """The student's logits at N positions over a vocabulary of V, computed on demand.
 
-    Every tensor returned is float32 and differentiable with respect to the student.
+    Every tensor returned is at least float32 (float64 inputs stay float64, for gradcheck) and
+    differentiable with respect to the student.
     """
 
     num_rows: int
@@ -35,7 +41,7 @@ class StudentLogits(ABC):
 
     @abstractmethod
     def full(self) -> Tensor:
-        """(N, V) all student logits in float32: only for losses that need the whole vocabulary."""
+        """(N, V) all student logits (at least float32): only for losses that need the whole vocabulary."""
 
     @abstractmethod
     def scaled(self, temperature: float) -> StudentLogits:
@@ -61,17 +67,17 @@ class DenseStudent(StudentLogits):
 
     def lse(self) -> Tensor:
         if self._lse is None:
-            self._lse = torch.logsumexp(self._logits.float(), dim=-1)
+            self._lse = torch.logsumexp(_wide(self._logits), dim=-1)
         return self._lse
 
     def gather(self, ids: Tensor) -> Tensor:
-        return self._logits.gather(-1, ids).float()
+        return _wide(self._logits.gather(-1, ids))
 
     def full(self) -> Tensor:
-        return self._logits.float()
+        return _wide(self._logits)
 
     def scaled(self, temperature: float) -> StudentLogits:
-        return self if temperature == 1.0 else DenseStudent(self._logits.float() / temperature)
+        return self if temperature == 1.0 else DenseStudent(_wide(self._logits) / temperature)
 
 
 class _ChunkedLSE(torch.autograd.Function):
@@ -83,7 +89,7 @@ class _ChunkedLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, chunk: int) -> Tensor:  # type: ignore[override]
-        lse = torch.full((h.shape[0],), -torch.inf, device=h.device, dtype=torch.float32)
+        lse = torch.full((h.shape[0],), -torch.inf, device=h.device, dtype=_wide(h[:0]).dtype)
         for start in range(0, weight.shape[0], chunk):
             z = _chunk_logits(h, weight, bias, start, chunk)  # (N, c) fp32
             lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
@@ -95,16 +101,17 @@ class _ChunkedLSE(torch.autograd.Function):
     def backward(ctx, grad_lse: Tensor):  # type: ignore[override]
         h, weight, bias, lse = ctx.saved_tensors
         chunk = ctx.chunk
-        grad_h = torch.zeros(h.shape, device=h.device, dtype=torch.float32)
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        grad_b = None if bias is None else torch.zeros(bias.shape, device=h.device)
-        hf = h.float()
+        wide = lse.dtype
+        grad_h = torch.zeros(h.shape, device=h.device, dtype=wide)
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=wide)
+        grad_b = None if bias is None else torch.zeros(bias.shape, device=h.device, dtype=wide)
+        hf = h.to(wide)
         for start in range(0, weight.shape[0], chunk):
             z = _chunk_logits(h, weight, bias, start, chunk)
             g = torch.exp(z - lse.unsqueeze(-1)) * grad_lse.unsqueeze(
                 -1
             )  # (N, c) softmax * dL/dlse
-            grad_h += g @ weight[start : start + chunk].float()
+            grad_h += g @ weight[start : start + chunk].to(wide)
             grad_w[start : start + chunk] = g.T @ hf
             if grad_b is not None:
                 grad_b[start : start + chunk] = g.sum(0)
@@ -120,7 +127,7 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, start: int, ch
     z = h @ weight[start : start + chunk].T
     if bias is not None:
         z = z + bias[start : start + chunk]
-    return z.float()
+    return _wide(z)
 
 
 class ChunkedStudent(StudentLogits):
@@ -160,13 +167,13 @@ class ChunkedStudent(StudentLogits):
                     _gather_block, self._h[rows], self._w, self._b, ids[rows], use_reentrant=False
                 )
             )
-        return torch.cat(blocks) if blocks else ids.new_zeros(ids.shape, dtype=torch.float32)
+        return torch.cat(blocks) if blocks else _wide(self._h[:0]).new_zeros(ids.shape)
 
     def full(self) -> Tensor:
         z = self._h @ self._w.T
         if self._b is not None:
             z = z + self._b
-        return z.float()
+        return _wide(z)
 
     def with_head(self, weight: Tensor, bias: Tensor | None = None) -> ChunkedStudent:
         """The same hidden states through another lm_head (a dual-head student's aux head)."""
@@ -190,7 +197,12 @@ class ChunkedStudent(StudentLogits):
     def topk_ids(self, k: int) -> Tensor:
         """Top-k ids chunk by chunk over the vocabulary: a running merge, no [N, V] tensor."""
         with torch.no_grad():
-            best_v = torch.full((self.num_rows, 0), -torch.inf, device=self._h.device)
+            best_v = torch.full(
+                (self.num_rows, 0),
+                -torch.inf,
+                device=self._h.device,
+                dtype=_wide(self._h[:0]).dtype,
+            )
             best_i = torch.zeros((self.num_rows, 0), dtype=torch.long, device=self._h.device)
             for start in range(0, self.vocab_size, self._vocab_chunk):
                 z = _chunk_logits(self._h, self._w, self._b, start, self._vocab_chunk)
@@ -208,4 +220,4 @@ def _gather_block(h: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor) -
     z = h @ weight[uniq].T  # (n, u)
     if bias is not None:
         z = z + bias[uniq]
-    return z.float().gather(1, inverse)
+    return _wide(z).gather(1, inverse)

@@ -12,22 +12,6 @@ from student_trainer.losses._student import ChunkedStudent, DenseStudent
 from student_trainer.losses.bild import SPECS, bild
 
 
-class Exact(DenseStudent):
-    """DenseStudent that keeps the logits' dtype (float64 for gradcheck)."""
-
-    def lse(self):
-        return torch.logsumexp(self._logits, dim=-1)
-
-    def gather(self, ids):
-        return self._logits.gather(-1, ids)
-
-    def full(self):
-        return self._logits
-
-    def scaled(self, temperature):
-        return Exact(self._logits / temperature)
-
-
 def _pairs_kl(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Per row: KL between softmaxes of all i<j differences, written with explicit loops."""
     n, j = t.shape
@@ -63,7 +47,7 @@ def test_full_cache_matches_dense_reference(top, temperature):
     s, z, y = _data()
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1])
     stats: dict[str, torch.Tensor] = {}
-    got = bild(Exact(s), teacher, temperature=temperature, top=top, stats=stats)
+    got = bild(DenseStudent(s), teacher, temperature=temperature, top=top, stats=stats)
     t_ld, s_ld = reference(s, z, top, temperature)
     torch.testing.assert_close(got, (t_ld + s_ld).mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats["bild/t_ld"], t_ld.mean(), rtol=1e-5, atol=1e-6)
@@ -75,7 +59,7 @@ def test_student_top_inside_cache_is_exact_with_small_k():
     s = z + 0.05 * s  # the student's top-4 lies inside the teacher's top-10
     teacher = teacher_batch_from_logits(z, y, k=10)
     stats: dict[str, torch.Tensor] = {}
-    got = bild(Exact(s), teacher, top=4, stats=stats)
+    got = bild(DenseStudent(s), teacher, top=4, stats=stats)
     assert stats["bild/sld_imputed"].item() == 0.0
     t_ld, s_ld = reference(s, z, 4, 3.0)
     torch.testing.assert_close(got, (t_ld + s_ld).mean(), rtol=1e-5, atol=1e-6)
@@ -87,7 +71,7 @@ def test_imputation_equals_reference_on_a_filled_teacher(impute):
     v, k, top = z.shape[1], 6, 4
     teacher = teacher_batch_from_logits(z, y, k=k)
     stats: dict[str, torch.Tensor] = {}
-    got = bild(Exact(s), teacher, top=top, impute=impute, stats=stats)
+    got = bild(DenseStudent(s), teacher, top=top, impute=impute, stats=stats)
     # Reference: a dense teacher whose values outside the top-k are the imputed value.
     lp = torch.log_softmax(z, -1)
     top_lp, top_ids = lp.topk(k, -1)
@@ -111,7 +95,7 @@ def test_imputation_equals_reference_on_a_filled_teacher(impute):
 def test_skip_drops_affected_rows_only():
     s, z, y = _data(seed=3)
     teacher = teacher_batch_from_logits(z, y, k=6)
-    got = bild(Exact(s), teacher, top=4, impute="skip")
+    got = bild(DenseStudent(s), teacher, top=4, impute="skip")
     t_ld, s_ld = reference(s, z, 4, 3.0)
     top_ids = teacher.ids
     missing = ~(s.topk(4, -1).indices.unsqueeze(-1) == top_ids.unsqueeze(1)).any(-1)
@@ -129,9 +113,9 @@ def test_skip_drops_affected_rows_only():
 def test_invariant_to_per_row_constants(seed, shift_s, shift_z, impute):
     s, z, y = _data(n=4, v=16, seed=seed)
     shifts = torch.linspace(-1, 1, 4, dtype=s.dtype).unsqueeze(-1)
-    base = bild(Exact(s), teacher_batch_from_logits(z, y, k=8), top=4, impute=impute)
+    base = bild(DenseStudent(s), teacher_batch_from_logits(z, y, k=8), top=4, impute=impute)
     moved = bild(
-        Exact(s + shift_s * shifts),
+        DenseStudent(s + shift_s * shifts),
         teacher_batch_from_logits(z + shift_z * shifts, y, k=8),
         top=4,
         impute=impute,
@@ -142,13 +126,13 @@ def test_invariant_to_per_row_constants(seed, shift_s, shift_z, impute):
 def test_zero_when_student_is_teacher_plus_constant():
     s, z, y = _data(seed=4)
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1])
-    got = bild(Exact(z + 7.0), teacher, top=8)
+    got = bild(DenseStudent(z + 7.0), teacher, top=8)
     assert got.abs().item() < 1e-6  # the cache stores float32 log-probs
     # t-LD alone vanishes whenever the student matches the teacher on I8 only.
     s[:, :] = 0.0
     s.scatter_(1, teacher.ids[:, :8], teacher.logits[:, :8].double() - 3.0)
     stats: dict[str, torch.Tensor] = {}
-    bild(Exact(s), teacher, top=8, stats=stats)
+    bild(DenseStudent(s), teacher, top=8, stats=stats)
     assert stats["bild/t_ld"].abs().item() < 1e-6
 
 
@@ -167,7 +151,7 @@ def test_gradcheck_float64():
     )
     for impute in ("min", "uniform", "skip"):
         assert torch.autograd.gradcheck(
-            lambda x, impute=impute: bild(Exact(x), teacher, top=4, impute=impute),
+            lambda x, impute=impute: bild(DenseStudent(x), teacher, top=4, impute=impute),
             (s.clone().requires_grad_(),),
         )
 
@@ -192,9 +176,9 @@ def test_bad_options_name_the_fix():
     s, z, y = _data()
     teacher = teacher_batch_from_logits(z, y, k=4)
     with pytest.raises(ValueError, match="top-k"):
-        bild(Exact(s), teacher, top=8)
+        bild(DenseStudent(s), teacher, top=8)
     with pytest.raises(ValueError, match="impute"):
-        bild(Exact(s), teacher, top=4, impute="zero")
+        bild(DenseStudent(s), teacher, top=4, impute="zero")
 
 
 def test_spec_lists_the_options():

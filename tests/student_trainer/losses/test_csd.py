@@ -17,22 +17,6 @@ from student_trainer.losses.csd import SPECS, csd
 ALL_WEIGHTS = ["".join(p) for p in itertools.product("STU", repeat=2)]
 
 
-class Exact(DenseStudent):
-    """DenseStudent that keeps the logits' dtype (float64 for gradcheck)."""
-
-    def lse(self):
-        return torch.logsumexp(self._logits, dim=-1)
-
-    def gather(self, ids):
-        return self._logits.gather(-1, ids)
-
-    def full(self):
-        return self._logits
-
-    def scaled(self, temperature):
-        return Exact(self._logits / temperature)
-
-
 def _weights(kind, s, t_logp, temperature):
     if kind == "S":
         return torch.softmax(s.detach() / temperature, -1)
@@ -89,7 +73,7 @@ def test_full_cache_equals_double_sum_value_and_gradient(weights, temperature):
     s, z, y = _data()
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1])
     x = s.clone().requires_grad_()
-    got = csd(Exact(x), teacher, weights=weights, temperature=temperature)
+    got = csd(DenseStudent(x), teacher, weights=weights, temperature=temperature)
     (grad,) = torch.autograd.grad(got, x)
     t_logp = torch.log_softmax(z, -1)
     torch.testing.assert_close(
@@ -109,7 +93,7 @@ def test_gradient_equals_official_surrogate(weights):
     s, z, y = _data(seed=1)
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1])
     x = s.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(csd(Exact(x), teacher, weights=weights), x)
+    (grad,) = torch.autograd.grad(csd(DenseStudent(x), teacher, weights=weights), x)
     x2 = s.clone().requires_grad_()
     t_logp = torch.log_softmax(z, -1)
     (official,) = torch.autograd.grad(official_surrogate(x2, t_logp, weights), x2)
@@ -118,7 +102,7 @@ def test_gradient_equals_official_surrogate(weights):
 
 def test_ss_value_is_half_the_student_variance_of_d():
     s, z, y = _data(seed=2)
-    got = csd(Exact(s), teacher_batch_from_logits(z, y, k=z.shape[1]))
+    got = csd(DenseStudent(s), teacher_batch_from_logits(z, y, k=z.shape[1]))
     d = s - torch.log_softmax(z, -1)
     q = torch.softmax(s, -1)
     var = (q * d**2).sum(-1) - (q * d).sum(-1) ** 2
@@ -131,7 +115,7 @@ def test_restricted_equals_double_sum_on_the_cached_ids(weights):
     teacher = teacher_batch_from_logits(z, y, k=7)
     stats: dict[str, torch.Tensor] = {}
     x = s.clone().requires_grad_()
-    got = csd(Exact(x), teacher, weights=weights, stats=stats)
+    got = csd(DenseStudent(x), teacher, weights=weights, stats=stats)
     (grad,) = torch.autograd.grad(got, x)
     s_i = s.gather(1, teacher.ids)
     t_i = torch.log_softmax(z, -1).gather(1, teacher.ids)
@@ -147,7 +131,7 @@ def test_imputed_equals_double_sum_on_a_filled_teacher(weights):
     s, z, y = _data(seed=4, v=20)
     k, v = 7, 20
     teacher = teacher_batch_from_logits(z, y, k=k)
-    got = csd(Exact(s), teacher, weights=weights, tail="imputed")
+    got = csd(DenseStudent(s), teacher, weights=weights, tail="imputed")
     lp = torch.log_softmax(z, -1)
     top_lp, top_ids = lp.topk(k, -1)
     tail = 1 - top_lp.exp().sum(-1, keepdim=True)
@@ -166,7 +150,7 @@ def test_zero_value_and_gradient_when_student_is_teacher_plus_constant(seed, shi
     _, z, y = _data(seed=seed)
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1])
     x = (z + shift).clone().requires_grad_()
-    got = csd(Exact(x), teacher, weights=weights, tail=tail)
+    got = csd(DenseStudent(x), teacher, weights=weights, tail=tail)
     (grad,) = torch.autograd.grad(got, x)
     assert abs(got.item()) < 1e-10
     assert grad.abs().max().item() < 1e-6
@@ -190,7 +174,7 @@ def test_gradcheck_float64_for_student_independent_weights(tail):
     )
     for weights in ("TT", "TU", "UT", "UU"):
         assert torch.autograd.gradcheck(
-            lambda x, w=weights: csd(Exact(x), teacher, weights=w, tail=tail),
+            lambda x, w=weights: csd(DenseStudent(x), teacher, weights=w, tail=tail),
             (s.clone().requires_grad_(),),
         )
 
@@ -218,9 +202,9 @@ def test_bad_options_name_the_fix():
     s, z, y = _data()
     teacher = teacher_batch_from_logits(z, y, k=4)
     with pytest.raises(ValueError, match="two letters"):
-        csd(Exact(s), teacher, weights="SX")
+        csd(DenseStudent(s), teacher, weights="SX")
     with pytest.raises(ValueError, match="tail"):
-        csd(Exact(s), teacher, tail="dense")
+        csd(DenseStudent(s), teacher, tail="dense")
 
 
 def test_spec_lists_the_options():

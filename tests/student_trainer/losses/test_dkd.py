@@ -14,22 +14,6 @@ from student_trainer.losses._student import ChunkedStudent, DenseStudent
 from student_trainer.losses.dkd import SPECS, dkd, nkd
 
 
-class Exact(DenseStudent):
-    """DenseStudent that keeps the logits' dtype (float64 for gradcheck)."""
-
-    def lse(self):
-        return torch.logsumexp(self._logits, dim=-1)
-
-    def gather(self, ids):
-        return self._logits.gather(-1, ids)
-
-    def full(self):
-        return self._logits
-
-    def scaled(self, temperature):
-        return Exact(self._logits / temperature)
-
-
 def dense_parts(s, z, y, T):
     """(TCKD, NCKD, KL) per row at T, from full logits, mdistiller-style masking."""
     gt = torch.zeros_like(z, dtype=torch.bool).scatter(1, y[:, None], True)
@@ -83,7 +67,7 @@ def _data(n=6, v=16, seed=0):
 
 
 def _row(teacher, s, i):
-    return Exact(s[i : i + 1]), teacher.select(torch.tensor([i]))
+    return DenseStudent(s[i : i + 1]), teacher.select(torch.tensor([i]))
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
@@ -106,7 +90,7 @@ def test_full_cache_equals_dense_dkd(T, alpha, beta):
     s, z, y = _data(seed=1)
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1], temperatures=(T,))
     tckd, nckd, _ = dense_parts(s, z, y, T)
-    got = dkd(Exact(s), teacher, temperature=T, alpha=alpha, beta=beta)
+    got = dkd(DenseStudent(s), teacher, temperature=T, alpha=alpha, beta=beta)
     torch.testing.assert_close(
         got, (T**2 * (alpha * tckd + beta * nckd)).mean(), rtol=1e-5, atol=1e-6
     )
@@ -134,17 +118,19 @@ def test_unstored_temperature_falls_back_and_is_flagged():
     stats: dict[str, torch.Tensor] = {}
     full = teacher_batch_from_logits(z, y, k=z.shape[1])
     exact = dkd(
-        Exact(s),
+        DenseStudent(s),
         teacher_batch_from_logits(z, y, k=z.shape[1], temperatures=(4.0,)),
         temperature=4.0,
     )
     # With k = V there is no tail, so the fallback is exact.
     torch.testing.assert_close(
-        dkd(Exact(s), full, temperature=4.0, stats=stats), exact, rtol=1e-5, atol=1e-6
+        dkd(DenseStudent(s), full, temperature=4.0, stats=stats), exact, rtol=1e-5, atol=1e-6
     )
     assert stats["dkd/teacher_approx_rows"].item() == 0.0
     for fn, key in ((dkd, "dkd/teacher_approx_rows"), (nkd, "nkd/teacher_approx_rows")):
-        small = fn(Exact(s), teacher_batch_from_logits(z, y, k=6), temperature=4.0, stats=stats)
+        small = fn(
+            DenseStudent(s), teacher_batch_from_logits(z, y, k=6), temperature=4.0, stats=stats
+        )
         assert torch.isfinite(small)
         assert stats[key].item() == 1.0
 
@@ -154,7 +140,7 @@ def test_dkd_zero_when_student_is_teacher_plus_constant():
     for k in (16, 5):
         teacher = teacher_batch_from_logits(z, y, k=k)
         x = (z + 3.0).clone().requires_grad_()
-        got = dkd(Exact(x), teacher, beta=8.0)
+        got = dkd(DenseStudent(x), teacher, beta=8.0)
         (grad,) = torch.autograd.grad(got, x)
         assert abs(got.item()) < 1e-6 and grad.abs().max().item() < 1e-6
 
@@ -176,7 +162,7 @@ def nkd_dense(s, z, y, T, gamma):
 def test_full_cache_equals_dense_nkd(T, gamma):
     s, z, y = _data(seed=5)
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1], temperatures=(T,))
-    got = nkd(Exact(s), teacher, temperature=T, gamma=gamma)
+    got = nkd(DenseStudent(s), teacher, temperature=T, gamma=gamma)
     torch.testing.assert_close(got, nkd_dense(s, z, y, T, gamma), rtol=1e-5, atol=1e-6)
 
 
@@ -187,7 +173,7 @@ def test_nkd_small_cache_non_target_is_the_bucketed_cross_entropy():
     assert inside.any() and (~inside).any()
     for gamma in (1.5, 0.25):
         stats: dict[str, torch.Tensor] = {}
-        got = nkd(Exact(s), teacher, gamma=gamma, stats=stats)
+        got = nkd(DenseStudent(s), teacher, gamma=gamma, stats=stats)
         log_q = torch.log_softmax(s, -1)
         p = torch.softmax(z, -1)
         target = -(p.gather(1, y[:, None]) * log_q.gather(1, y[:, None])).squeeze(1)
@@ -210,10 +196,10 @@ def test_nkd_non_target_minimised_when_student_matches_teacher(seed, scale):
     best: dict[str, torch.Tensor] = {}
     matched = z.clone()
     matched[torch.arange(len(y)), y] = 10.0  # the target logit is free
-    nkd(Exact(matched), teacher, stats=best)
+    nkd(DenseStudent(matched), teacher, stats=best)
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed), dtype=z.dtype)
     other: dict[str, torch.Tensor] = {}
-    nkd(Exact(matched + scale * noise), teacher, stats=other)
+    nkd(DenseStudent(matched + scale * noise), teacher, stats=other)
     assert other["nkd/non_target"].item() >= best["nkd/non_target"].item() - 1e-6
 
 
@@ -224,7 +210,7 @@ def test_invariant_to_shifting_the_student(seed, shift, k):
     teacher = teacher_batch_from_logits(z, y, k=k)
     for fn in (dkd, nkd):
         torch.testing.assert_close(
-            fn(Exact(s), teacher), fn(Exact(s + shift), teacher), rtol=1e-6, atol=1e-6
+            fn(DenseStudent(s), teacher), fn(DenseStudent(s + shift), teacher), rtol=1e-6, atol=1e-6
         )
 
 
@@ -248,7 +234,7 @@ def test_gradcheck_float64(k):
         teacher = _teacher64(z, y, k, temperatures=(2.0,))
         for fn in (dkd, nkd):
             assert torch.autograd.gradcheck(
-                lambda x, fn=fn, T=T, teacher=teacher: fn(Exact(x), teacher, temperature=T),
+                lambda x, fn=fn, T=T, teacher=teacher: fn(DenseStudent(x), teacher, temperature=T),
                 (s.clone().requires_grad_(),),
             )
 
@@ -273,7 +259,7 @@ def test_dense_and_chunked_students_agree():
 def test_specs_list_the_options():
     assert SPECS["dkd"].options == {"temperature": 1.0, "alpha": 1.0, "beta": 0.5}
     assert SPECS["nkd"].options == {"temperature": 1.0, "gamma": 1.5}
-    assert isinstance(SPECS["dkd"].fn(Exact(torch.zeros(1, 3)), _tiny()), torch.Tensor)
+    assert isinstance(SPECS["dkd"].fn(DenseStudent(torch.zeros(1, 3)), _tiny()), torch.Tensor)
 
 
 def _tiny() -> TeacherBatch:

@@ -13,22 +13,6 @@ from student_trainer.losses._student import ChunkedStudent, DenseStudent
 from student_trainer.losses.dual_head import SPECS, dual_head
 
 
-class Exact(DenseStudent):
-    """DenseStudent that keeps the logits' dtype (float64 for gradcheck)."""
-
-    def lse(self):
-        return torch.logsumexp(self._logits, dim=-1)
-
-    def gather(self, ids):
-        return self._logits.gather(-1, ids)
-
-    def full(self):
-        return self._logits
-
-    def scaled(self, temperature):
-        return Exact(self._logits / temperature)
-
-
 def binary_kl_norm(student, teacher, tau, eps=1e-8):
     """penghui-yang/DHKD BinaryKLNorm.forward, restated (KLDivLoss against a 0.5 target)."""
     sig = torch.sigmoid((student - teacher) / tau).clamp(eps, 1 - eps)
@@ -54,9 +38,9 @@ def test_full_cache_equals_dhkd_reference(tau, alpha, gamma):
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1])
     stats: dict[str, torch.Tensor] = {}
     got = dual_head(
-        Exact(s0),
+        DenseStudent(s0),
         teacher,
-        aux_student=Exact(s1),
+        aux_student=DenseStudent(s1),
         temperature=tau,
         alpha=alpha,
         gamma=gamma,
@@ -72,7 +56,7 @@ def test_full_cache_equals_dhkd_reference(tau, alpha, gamma):
 def test_restricted_to_cached_ids():
     s0, s1, z, y = _data(seed=1, v=20)
     teacher = teacher_batch_from_logits(z, y, k=6)
-    got = dual_head(Exact(s0), teacher, aux_student=Exact(s1), gamma=0.0)
+    got = dual_head(DenseStudent(s0), teacher, aux_student=DenseStudent(s1), gamma=0.0)
     expected = binary_kl_norm(s1.gather(1, teacher.ids), z.gather(1, teacher.ids), 2.0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -114,9 +98,13 @@ def test_kd_is_zero_only_at_the_teachers_raw_logits(seed, tau):
     aux = s1.clone()
     aux.scatter_(1, teacher.ids, teacher.logits.double())
     stats: dict[str, torch.Tensor] = {}
-    dual_head(Exact(s0), teacher, aux_student=Exact(aux), temperature=tau, stats=stats)
+    dual_head(
+        DenseStudent(s0), teacher, aux_student=DenseStudent(aux), temperature=tau, stats=stats
+    )
     assert abs(stats["dual-head/kd"].item()) < 1e-10
-    dual_head(Exact(s0), teacher, aux_student=Exact(aux + 1.0), temperature=tau, stats=stats)
+    dual_head(
+        DenseStudent(s0), teacher, aux_student=DenseStudent(aux + 1.0), temperature=tau, stats=stats
+    )
     assert stats["dual-head/kd"].item() > 1e-4  # not shift-invariant: raw logits must match
 
 
@@ -134,7 +122,7 @@ def test_gradcheck_float64():
         vocab_size=7,
     )
     assert torch.autograd.gradcheck(
-        lambda a, b: dual_head(Exact(a), teacher, aux_student=Exact(b)),
+        lambda a, b: dual_head(DenseStudent(a), teacher, aux_student=DenseStudent(b)),
         (s0.clone().requires_grad_(), s1.clone().requires_grad_()),
     )
 

@@ -12,22 +12,6 @@ from student_trainer.losses._student import ChunkedStudent, DenseStudent
 from student_trainer.losses.gld import SPECS, gld
 
 
-class Exact(DenseStudent):
-    """DenseStudent that keeps the logits' dtype (float64 for gradcheck)."""
-
-    def lse(self):
-        return torch.logsumexp(self._logits, dim=-1)
-
-    def gather(self, ids):
-        return self._logits.gather(-1, ids)
-
-    def full(self):
-        return self._logits
-
-    def scaled(self, temperature):
-        return Exact(self._logits / temperature)
-
-
 def graph(logits, top):
     """(V, V) co-activation graph: mean over rows of the outer product of the sparsified row."""
     vals, ids = logits.topk(top, dim=-1)
@@ -54,7 +38,7 @@ def _data(n=6, v=15, seed=0):
 def test_matches_dense_graph_reference(top, k, temperature):
     s, z, y = _data()
     teacher = teacher_batch_from_logits(z, y, k=k)
-    got = gld(Exact(s), teacher, top=top, temperature=temperature)
+    got = gld(DenseStudent(s), teacher, top=top, temperature=temperature)
     expected, _, _ = reference(s, z, top, temperature)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -62,7 +46,7 @@ def test_matches_dense_graph_reference(top, k, temperature):
 def test_lower_bounds_graph_matching_and_gromov_wasserstein():
     s, z, y = _data(seed=1)
     v = z.shape[1]
-    got = gld(Exact(s), teacher_batch_from_logits(z, y, k=5), top=4)
+    got = gld(DenseStudent(s), teacher_batch_from_logits(z, y, k=5), top=4)
     _, g_s, g_t = reference(s, z, 4)
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
@@ -85,8 +69,8 @@ def test_lower_bounds_graph_matching_and_gromov_wasserstein():
 def test_zero_when_the_student_has_the_teachers_raw_logits_and_not_shift_invariant():
     _, z, y = _data(seed=2)
     teacher = teacher_batch_from_logits(z, y, k=6)
-    assert gld(Exact(z), teacher, top=6).item() < 1e-9
-    assert gld(Exact(z + 5.0), teacher, top=6).item() > 1e-3  # outer products see raw levels
+    assert gld(DenseStudent(z), teacher, top=6).item() < 1e-9
+    assert gld(DenseStudent(z + 5.0), teacher, top=6).item() > 1e-3  # outer products see raw levels
 
 
 @settings(max_examples=10, deadline=None)
@@ -96,8 +80,8 @@ def test_invariant_to_relabelling_the_student_vocabulary(seed, top):
     teacher = teacher_batch_from_logits(z, y, k=6)
     perm = torch.randperm(s.shape[1], generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(
-        gld(Exact(s), teacher, top=top),
-        gld(Exact(s[:, perm]), teacher, top=top),
+        gld(DenseStudent(s), teacher, top=top),
+        gld(DenseStudent(s[:, perm]), teacher, top=top),
         rtol=1e-9,
         atol=1e-9,
     )
@@ -117,7 +101,7 @@ def test_gradcheck_float64():
         vocab_size=8,
     )
     assert torch.autograd.gradcheck(
-        lambda x: gld(Exact(x), teacher, top=3), (s.clone().requires_grad_(),)
+        lambda x: gld(DenseStudent(x), teacher, top=3), (s.clone().requires_grad_(),)
     )
 
 
@@ -142,7 +126,7 @@ def test_dense_and_chunked_students_agree():
 def test_bad_top_names_the_fix():
     s, z, y = _data()
     with pytest.raises(ValueError, match="top-k"):
-        gld(Exact(s), teacher_batch_from_logits(z, y, k=4), top=8)
+        gld(DenseStudent(s), teacher_batch_from_logits(z, y, k=4), top=8)
 
 
 def test_spec_lists_the_options():

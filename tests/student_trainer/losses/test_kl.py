@@ -19,7 +19,6 @@ from torch import Tensor
 from student_trainer.batch import TeacherBatch, teacher_batch_from_logits
 from student_trainer.losses import kl
 from student_trainer.losses._student import ChunkedStudent, DenseStudent, StudentLogits
-from tests.student_trainer.losses.test_student import Float64Student
 
 BUCKETED = ["fkl-tail", "rkl", "jsd", "tvd", "skl", "srkl"]
 ALL = ["fkl", *BUCKETED]
@@ -253,7 +252,7 @@ def test_bucketed_fkl_gradient_closed_form() -> None:
     z = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
     s = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2).requires_grad_()
     teacher = _teacher64(z, k)
-    (grad,) = torch.autograd.grad(kl.fkl_tail(Float64Student(s), teacher), s)
+    (grad,) = torch.autograd.grad(kl.fkl_tail(DenseStudent(s), teacher), s)
     p, q = torch.softmax(z, -1), torch.softmax(s.detach(), -1)
     in_top = torch.zeros_like(p, dtype=torch.bool).scatter(-1, teacher.ids, True)
     p_tail = p.masked_fill(in_top, 0).sum(-1, keepdim=True)
@@ -269,7 +268,7 @@ def test_renormalised_fkl_gradient_on_the_tail_is_q() -> None:
     z = torch.randn(n, v, generator=g, dtype=torch.float64)
     s = torch.randn(n, v, generator=g, dtype=torch.float64).requires_grad_()
     teacher = _teacher64(z, k)
-    (grad,) = torch.autograd.grad(kl.fkl(Float64Student(s), teacher), s)
+    (grad,) = torch.autograd.grad(kl.fkl(DenseStudent(s), teacher), s)
     q = torch.softmax(s.detach(), -1)
     in_top = torch.zeros_like(q, dtype=torch.bool).scatter(-1, teacher.ids, True)
     torch.testing.assert_close(grad[~in_top], (q / n)[~in_top], rtol=1e-10, atol=1e-12)
@@ -303,7 +302,7 @@ def test_gradcheck_float64(name: str, temperature: float, k: int) -> None:
     teacher = _teacher64(z, k)
 
     def fn(s: Tensor) -> Tensor:
-        return _loss(name)(Float64Student(s), teacher, temperature=temperature)
+        return _loss(name)(DenseStudent(s), teacher, temperature=temperature)
 
     assert fn(s).dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (s,))
@@ -314,7 +313,7 @@ def test_k_equals_v_gradient_matches_dense(name: str) -> None:
     """With k = V the tail buckets are empty: gradients are finite and equal the full ones."""
     z, s, teacher = _inputs(4, 6, 6, seed=10)
     s = s.double().requires_grad_()
-    (got,) = torch.autograd.grad(_loss(name)(Float64Student(s), _teacher64(z, 6)), s)
+    (got,) = torch.autograd.grad(_loss(name)(DenseStudent(s), _teacher64(z, 6)), s)
     s_ref = s.detach().clone().requires_grad_()
     ref = _dense(name, z, s_ref, teacher.ids, 1.0, bucketed=False).mean()
     (want,) = torch.autograd.grad(ref, s_ref)
@@ -329,7 +328,7 @@ def test_jsd_endpoints_are_special_cased() -> None:
     g = torch.Generator().manual_seed(11)
     z = torch.randn(4, 12, generator=g, dtype=torch.float64) * 2
     s = torch.randn(4, 12, generator=g, dtype=torch.float64) * 2
-    teacher, student = _teacher64(z, 4), Float64Student(s)
+    teacher, student = _teacher64(z, 4), DenseStudent(s)
     fkl_value = kl.fkl_tail(student, teacher)
     rkl_value = kl.rkl(student, teacher)
     torch.testing.assert_close(kl.jsd(student, teacher, beta=0.0), fkl_value)

@@ -14,22 +14,6 @@ from student_trainer.losses._student import ChunkedStudent, DenseStudent
 from student_trainer.losses.pld import SPECS, pld
 
 
-class Exact(DenseStudent):
-    """DenseStudent that keeps the logits' dtype (float64 for gradcheck)."""
-
-    def lse(self):
-        return torch.logsumexp(self._logits, dim=-1)
-
-    def gather(self, ids):
-        return self._logits.gather(-1, ids)
-
-    def full(self):
-        return self._logits
-
-    def scaled(self, temperature):
-        return Exact(self._logits / temperature)
-
-
 def reference_steps(s, z, y, tau):
     """(N, V) per-step weighted NLL of the full Plackett-Luce loss, one row at a time.
 
@@ -63,7 +47,7 @@ def test_full_cache_equals_full_plackett_luce(tau, store_lse):
     temps = (tau,) if store_lse and tau != 1.0 else ()
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1], temperatures=temps)
     stats: dict[str, torch.Tensor] = {}
-    got = pld(Exact(s), teacher, temperature=tau, stats=stats)
+    got = pld(DenseStudent(s), teacher, temperature=tau, stats=stats)
     expected = reference_steps(s, z, y, tau).sum(-1).mean()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert stats["pld/dropped_weight"].item() < 1e-6
@@ -78,7 +62,7 @@ def test_truncated_equals_full_steps_on_the_prefix(tau):
     label_inside = (teacher.ids == y[:, None]).any(-1)
     assert label_inside.any() and (~label_inside).any(), "need rows of both kinds"
     stats: dict[str, torch.Tensor] = {}
-    got = pld(Exact(s), teacher, temperature=tau, stats=stats)
+    got = pld(DenseStudent(s), teacher, temperature=tau, stats=stats)
     steps = reference_steps(s, z, y, tau)
     prefix_len = torch.where(label_inside, k, k + 1)
     keep = torch.arange(z.shape[1]) < prefix_len[:, None]
@@ -100,10 +84,12 @@ def test_truncated_equals_full_steps_on_the_prefix(tau):
 def test_temperature_fallback_is_close_and_flagged():
     s, z, y = _data(n=6, v=30, seed=2)
     exact = pld(
-        Exact(s), teacher_batch_from_logits(z, y, k=10, temperatures=(2.0,)), temperature=2.0
+        DenseStudent(s), teacher_batch_from_logits(z, y, k=10, temperatures=(2.0,)), temperature=2.0
     )
     stats: dict[str, torch.Tensor] = {}
-    approx = pld(Exact(s), teacher_batch_from_logits(z, y, k=10), temperature=2.0, stats=stats)
+    approx = pld(
+        DenseStudent(s), teacher_batch_from_logits(z, y, k=10), temperature=2.0, stats=stats
+    )
     assert stats["pld/alpha_approx_rows"].item() == 1.0
     # The one-token tail under-counts the tail at tau > 1, so the prefix weights grow.
     assert approx.item() > exact.item()
@@ -126,7 +112,7 @@ def test_onehot_alpha_gives_cross_entropy():
         vocab_size=v,
     )
     ce = torch.nn.functional.cross_entropy(s, y)
-    torch.testing.assert_close(pld(Exact(s), teacher), ce, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pld(DenseStudent(s), teacher), ce, rtol=1e-10, atol=1e-10)
 
 
 @settings(max_examples=12, deadline=None)
@@ -136,7 +122,10 @@ def test_invariant_to_shifting_the_student(seed, shift, k):
     teacher = teacher_batch_from_logits(z, y, k=k)
     rows = torch.linspace(-1, 1, s.shape[0], dtype=s.dtype).unsqueeze(-1)
     torch.testing.assert_close(
-        pld(Exact(s), teacher), pld(Exact(s + shift * rows), teacher), rtol=1e-6, atol=1e-6
+        pld(DenseStudent(s), teacher),
+        pld(DenseStudent(s + shift * rows), teacher),
+        rtol=1e-6,
+        atol=1e-6,
     )
 
 
@@ -154,10 +143,14 @@ def test_gradcheck_float64():
         label_logprob=lp.gather(1, y[:, None]).squeeze(1),
         vocab_size=9,
     )
-    assert torch.autograd.gradcheck(lambda x: pld(Exact(x), teacher), (s.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: pld(DenseStudent(x), teacher), (s.clone().requires_grad_(),)
+    )
     full = teacher_batch_from_logits(z, y, k=9)
     full = replace(full, logprobs=full.logprobs.double(), lse=full.lse.double())
-    assert torch.autograd.gradcheck(lambda x: pld(Exact(x), full), (s.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: pld(DenseStudent(x), full), (s.clone().requires_grad_(),)
+    )
 
 
 def test_dense_and_chunked_students_agree():

@@ -11,7 +11,6 @@ from torch import Tensor
 from student_trainer.batch import TeacherBatch, teacher_batch_from_logits
 from student_trainer.losses import sampled
 from student_trainer.losses._student import ChunkedStudent, DenseStudent, StudentLogits
-from tests.student_trainer.losses.test_student import Float64Student
 
 
 def _teacher(
@@ -134,7 +133,7 @@ def test_gradcheck_float64(temperature: float) -> None:
     )
 
     def fn(s: Tensor) -> Tensor:
-        return sampled.rskd(Float64Student(s), teacher, temperature=temperature)
+        return sampled.rskd(DenseStudent(s), teacher, temperature=temperature)
 
     assert fn(s).dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (s,))

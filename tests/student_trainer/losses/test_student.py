@@ -2,7 +2,7 @@
 
 Both implementations compute in float32 whatever the input dtype, so gradcheck runs on float64
 inputs with a finite-difference step sized for float32 outputs; the exact gradient checks
-compare against float64 autograd of the dense logits instead. `Float64Student` is the float64
+compare against float64 autograd of the dense logits instead. `DenseStudent` is the float64
 test double the loss tests gradcheck through.
 """
 
@@ -15,26 +15,6 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from student_trainer.losses._student import ChunkedStudent, DenseStudent, StudentLogits
-
-
-class Float64Student(StudentLogits):
-    """Dense logits kept in their own dtype (float64 for gradcheck): a test double only."""
-
-    def __init__(self, logits: Tensor) -> None:
-        self._logits = logits
-        self.num_rows, self.vocab_size = logits.shape
-
-    def lse(self) -> Tensor:
-        return torch.logsumexp(self._logits, dim=-1)
-
-    def gather(self, ids: Tensor) -> Tensor:
-        return self._logits.gather(-1, ids)
-
-    def full(self) -> Tensor:
-        return self._logits
-
-    def scaled(self, temperature: float) -> StudentLogits:
-        return Float64Student(self._logits / temperature)
 
 
 def _head(n: int, v: int, d: int, *, bias: bool, seed: int, dtype=torch.float32):
@@ -118,19 +98,24 @@ def test_gradcheck_chunked(what: str) -> None:
     assert torch.autograd.gradcheck(fn, (h, w, b), eps=1e-3, atol=2e-3, rtol=2e-3)
 
 
-def test_gradcheck_float64_double() -> None:
-    """The test double really is float64: a tight gradcheck through it passes."""
+def test_dense_student_keeps_float64_and_widens_half_precision() -> None:
+    """float64 stays float64 (so a tight gradcheck passes); bf16 logits come out float32."""
     logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[0, 3], [6, 1], [2, 2]])
 
     def fn(s: Tensor) -> Tensor:
-        student = Float64Student(s).scaled(1.3)
+        student = DenseStudent(s).scaled(1.3)
         return student.logprobs_at(ids)
 
     assert torch.autograd.gradcheck(fn, (logits,))
-    torch.testing.assert_close(
-        Float64Student(logits).lse().float(), DenseStudent(logits).lse(), rtol=1e-6, atol=1e-6
-    )
+    assert DenseStudent(logits).lse().dtype == torch.float64
+    half = DenseStudent(logits.detach().bfloat16())
+    assert half.lse().dtype == half.gather(ids).dtype == half.full().dtype == torch.float32
+    h = torch.randn(3, 4, dtype=torch.float64)
+    w = torch.randn(7, 4, dtype=torch.float64)
+    chunked = ChunkedStudent(h, w, vocab_chunk=3)
+    assert chunked.lse().dtype == chunked.gather(ids).dtype == torch.float64
+    torch.testing.assert_close(chunked.lse(), torch.logsumexp(h @ w.T, -1), rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=15, deadline=None)

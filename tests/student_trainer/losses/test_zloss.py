@@ -10,7 +10,6 @@ from torch import Tensor
 from student_trainer.batch import teacher_batch_from_logits
 from student_trainer.losses import zloss
 from student_trainer.losses._student import ChunkedStudent, DenseStudent, StudentLogits
-from tests.student_trainer.losses.test_student import Float64Student
 
 
 def _teacher(n: int, v: int):
@@ -22,7 +21,7 @@ def test_z_loss_value_and_gradient(coefficient: float) -> None:
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(5, 9, generator=g, dtype=torch.float64) * 3 + 2).requires_grad_()
     stats: dict[str, Tensor] = {}
-    got = zloss.z_loss(Float64Student(s), _teacher(5, 9), coefficient=coefficient, stats=stats)
+    got = zloss.z_loss(DenseStudent(s), _teacher(5, 9), coefficient=coefficient, stats=stats)
     lse = torch.log(torch.exp(s.detach()).sum(-1))
     torch.testing.assert_close(got.detach(), coefficient * (lse**2).mean())
     torch.testing.assert_close(stats["z-loss/mean_lse"], lse.mean())
@@ -42,7 +41,7 @@ def test_cross_entropy_matches_torch() -> None:
     g = torch.Generator().manual_seed(1)
     s = torch.randn(6, 11, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 11, (6,), generator=g)
-    got = zloss.cross_entropy(Float64Student(s), labels)
+    got = zloss.cross_entropy(DenseStudent(s), labels)
     want = F.cross_entropy(s, labels)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0])
@@ -54,9 +53,9 @@ def test_gradcheck_float64() -> None:
     labels = torch.tensor([0, 5, 2])
     teacher = _teacher(3, 6)
     assert torch.autograd.gradcheck(
-        lambda s: zloss.z_loss(Float64Student(s), teacher, coefficient=0.5), (s,)
+        lambda s: zloss.z_loss(DenseStudent(s), teacher, coefficient=0.5), (s,)
     )
-    assert torch.autograd.gradcheck(lambda s: zloss.cross_entropy(Float64Student(s), labels), (s,))
+    assert torch.autograd.gradcheck(lambda s: zloss.cross_entropy(DenseStudent(s), labels), (s,))
 
 
 def test_chunked_student_gives_the_same_values_and_gradients() -> None:
