@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-SUITES = ("encodings", "build", "train")
+SUITES = ("encodings", "topk", "build", "train")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -59,7 +59,7 @@ class BuildConfig:
     """--shard-tokens: tokens per shard (the unit of commit, resume and shuffling)."""
     batch_tokens: int = 16384
     """--batch-tokens: tokens per teacher forward."""
-    vocab_chunk: int = 16384
+    vocab_chunk: int = 131072
     """--vocab-chunk: vocabulary columns per step of the top-k/log-sum-exp pass (memory vs speed)."""
     seed: int = 0
     """--seed: seeds the sampled tokens (per shard, so resumed builds draw the same ones)."""

@@ -173,8 +173,8 @@ class Teacher:
         num_samples: int = 0,
         sample_temperature: float = 1.0,
         generator: torch.Generator | None = None,
-        vocab_chunk: int = 8192,
-        row_chunk: int = 4096,
+        vocab_chunk: int = 131072,
+        row_chunk: int = 2048,
     ) -> TeacherSignals:
         """Teacher signals at N positions from hidden states (N, d); labels (N,), -1 for none."""
         options = dict(

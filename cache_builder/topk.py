@@ -1,13 +1,19 @@
 """What the cache keeps of the teacher's distribution, computed on the device in one pass.
 
 `teacher_signals` starts from the final hidden states and the lm_head and walks the vocabulary
-in chunks: each chunk's logits are computed in the model's dtype and upcast to float32 alone,
-so neither the [N, V] logits nor their fp32 copy ever exist. Per row it keeps a running top-k
-merge, a running log-sum-exp (and one per extra temperature), a running log of the tail mass
-(every logit that has left the top-k is added to it, so the tail is a sum of what is in it and
-never `1 - sum(top-k)`, which cancels when the tail is tiny), the logit of the true next token,
-and `num_samples` independent draws from softmax(logits / sample_temperature), each kept as a
-one-item weighted reservoir that moves to a new chunk with that chunk's share of the mass.
+in chunks of `vocab_chunk` columns for blocks of `row_chunk` rows: each chunk's logits stay in
+the model's dtype, so the [N, V] logits never exist, nor any float32 copy of them on CUDA.
+
+Per chunk, one pass computes the max and the log-sum-exp (at T = 1 and at each extra
+temperature) of every block of b columns. The top-k can only lie in the k blocks with the
+largest maxima, so the exact top-k is taken over those k * b logits instead of the whole row:
+torch.topk over [16384, 128256] costs ~10x a read of the logits on an H100, and this turns it
+into two small top-k's (over V / b maxima and k * b candidates). The tail mass is the
+log-sum-exp of the blocks not picked plus the candidates not kept, a sum of what is in the tail
+and never `1 - sum(top-k)`, which cancels when the tail is tiny. Running merges across chunks
+keep the top-k, the lse, the tail, the logit of the true next token, and `num_samples`
+independent draws from softmax(logits / sample_temperature), each kept as a one-item weighted
+reservoir that moves to a new chunk with that chunk's share of the mass.
 
 Top-k ties are broken by the lower token id: torch.topk picks among equal logits arbitrarily
 (on the CPU it differs from run to run of the same input), and a cache must not depend on that.
@@ -21,6 +27,7 @@ NaN or inf into an error naming the batch.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -39,7 +46,10 @@ __all__ = [
 ]
 
 ChunkFn = Callable[[int, int, int, int], Tensor]
-"""(row_start, row_end, vocab_start, vocab_end) -> fresh float32 logits (rows, vocab) to consume."""
+"""(row_start, row_end, vocab_start, vocab_end) -> logits (rows, vocab) in any float dtype."""
+
+FUSE_ON_CUDA = True
+"""Compile the per-block pass with torch.compile on CUDA (one read of each logit chunk)."""
 
 
 class NonFiniteError(KdcacheError, ValueError):
@@ -131,15 +141,17 @@ def teacher_signals(
     num_samples: int = 0,
     sample_temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    vocab_chunk: int = 8192,
-    row_chunk: int = 4096,
+    vocab_chunk: int = 131072,
+    row_chunk: int = 2048,
+    block: int | None = None,
     logit_transform: Callable[[Tensor], Tensor] | None = None,
 ) -> TeacherSignals:
     """Teacher signals at N positions from hidden states (N, d) and an lm_head (V, d) [+ (V,)].
 
     Logits are `hidden @ weight.T + bias` in the model's dtype, one (row_chunk, vocab_chunk)
-    block at a time, upcast to float32 per block, then `logit_transform` (an elementwise map
-    such as logit softcapping) if given. `labels` (N,) int64 holds the next token, -1 for none.
+    block at a time; `logit_transform` (an elementwise map such as logit softcapping), if
+    given, is applied to a float32 copy of the block. `block` overrides `block_size`.
+    `labels` (N,) int64 holds the next token, -1 for none.
     Samples come from `generator` (on the same device); for a fixed seed they also depend on
     `vocab_chunk` and `row_chunk`, so keep those fixed for a reproducible cache.
     """
@@ -153,8 +165,8 @@ def teacher_signals(
 
     def chunk(r0: int, r1: int, s: int, e: int) -> Tensor:
         b = None if bias is None else bias[s:e]
-        z = F.linear(hidden[r0:r1], weight[s:e], b).float()  # (r, c) model dtype -> fresh fp32
-        return z if logit_transform is None else logit_transform(z)
+        z = F.linear(hidden[r0:r1], weight[s:e], b)  # (r, c) in the model's dtype
+        return z if logit_transform is None else logit_transform(z.float())
 
     return _stream(
         chunk,
@@ -168,6 +180,8 @@ def teacher_signals(
         generator=generator,
         vocab_chunk=vocab_chunk,
         row_chunk=row_chunk,
+        block=block,
+        scratch=True,
     )
 
 
@@ -180,20 +194,20 @@ def teacher_signals_from_logits(
     num_samples: int = 0,
     sample_temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    vocab_chunk: int = 8192,
-    row_chunk: int = 4096,
+    vocab_chunk: int = 131072,
+    row_chunk: int = 2048,
+    block: int | None = None,
 ) -> TeacherSignals:
-    """The same signals from logits (N, V) in any float dtype, which are left untouched.
+    """The same signals from logits (N, V) in any float dtype, which are read, never written.
 
-    Only one (row_chunk, vocab_chunk) block is upcast to float32 at a time. Equal logits give
-    bit-identical signals to `teacher_signals` (and the same samples for the same generator).
+    Equal logits in the same dtype give bit-identical signals to `teacher_signals` (and the
+    same samples for the same generator).
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, V), got {tuple(logits.shape)}")
 
     def chunk(r0: int, r1: int, s: int, e: int) -> Tensor:
-        block = logits[r0:r1, s:e]
-        return block.float() if block.dtype != torch.float32 else block.clone()
+        return logits[r0:r1, s:e]
 
     return _stream(
         chunk,
@@ -207,6 +221,8 @@ def teacher_signals_from_logits(
         generator=generator,
         vocab_chunk=vocab_chunk,
         row_chunk=row_chunk,
+        block=block,
+        scratch=False,
     )
 
 
@@ -223,15 +239,18 @@ def _stream(
     generator: torch.Generator | None,
     vocab_chunk: int,
     row_chunk: int,
+    block: int | None,
+    scratch: bool,
 ) -> TeacherSignals:
+    """`chunk` gives logits blocks; `scratch`: each is fresh and may be overwritten."""
     if not 1 <= k <= vocab_size:
         raise ValueError(f"k must be in [1, V={vocab_size}], got {k}")
     if any(not t > 0 for t in temperatures) or not sample_temperature > 0:
         raise ValueError(
             f"temperatures must be > 0, got {tuple(temperatures)}, {sample_temperature}"
         )
-    if num_samples < 0 or vocab_chunk < 1 or row_chunk < 1:
-        raise ValueError("num_samples must be >= 0 and vocab_chunk, row_chunk >= 1")
+    if num_samples < 0 or vocab_chunk < 1 or row_chunk < 1 or (block is not None and block < 1):
+        raise ValueError("num_samples must be >= 0 and vocab_chunk, row_chunk, block >= 1")
     if labels.shape != (num_rows,) or labels.dtype != torch.int64:
         raise ValueError(
             f"labels must be ({num_rows},) int64, got {tuple(labels.shape)} {labels.dtype}"
@@ -249,6 +268,8 @@ def _stream(
             sample_temperature=sample_temperature,
             generator=generator,
             vocab_chunk=vocab_chunk,
+            block=block,
+            scratch=scratch,
         )
         for r0 in range(0, max(num_rows, 1), row_chunk)
     ]
@@ -266,6 +287,8 @@ def _stream_rows(
     sample_temperature: float,
     generator: torch.Generator | None,
     vocab_chunk: int,
+    block: int | None,
+    scratch: bool,
 ) -> TeacherSignals:
     """One block of r rows: a single walk over the vocabulary."""
     r, dev, n = labels.shape[0], labels.device, num_samples
@@ -273,7 +296,8 @@ def _stream_rows(
     top_v = torch.empty((r, 0), device=dev)  # (r, <=k) running top-k, ranked
     top_i = torch.empty((r, 0), dtype=torch.int64, device=dev)
     lse, tail = neg_inf, neg_inf  # (r,) running log-sum-exp of all / of non-top-k logits
-    temp_lse = [neg_inf] * len(temperatures)
+    extra = tuple(t for t in temperatures if t != 1.0)
+    extra_lse = torch.full((r, len(extra)), -torch.inf, device=dev)
     label_logit = torch.full((r,), torch.nan, device=dev)
     if n:
         sample_lse = neg_inf  # (r,) running lse at the sample temperature
@@ -282,43 +306,32 @@ def _stream_rows(
 
     for s in range(0, vocab_size, vocab_chunk):
         e = min(s + vocab_chunk, vocab_size)
-        z = chunk(s, e)  # (r, c) fp32, ours to overwrite
-        c = e - s
+        z = chunk(s, e)  # (r, c) in the model's dtype (float32 after a transform)
+        c, kc = e - s, min(k, e - s)
 
         inside = (labels >= s) & (labels < e)
         at = (labels - s).clamp(0, c - 1).unsqueeze(1)
-        label_logit = torch.where(inside, z.gather(1, at).squeeze(1), label_logit)
-        for j, t in enumerate(temperatures):
-            if t != 1.0:
-                temp_lse[j] = torch.logaddexp(temp_lse[j], torch.logsumexp(z / t, dim=1))
-        if n and sample_temperature != 1.0:
-            chunk_lse_s = torch.logsumexp(z / sample_temperature, dim=1)
+        label_logit = torch.where(inside, z.gather(1, at).squeeze(1).float(), label_logit)
 
-        kc = min(k, c)
-        cv, ci = z.topk(kc, dim=1)  # (r, kc) values descending; ties in any order
-        z.scatter_(1, ci, -torch.inf)  # z now holds the chunk's non-top-k logits
-        rest_max, rest_lse = _max_and_lse(z)
-        chunk_lse = torch.logaddexp(rest_lse, torch.logsumexp(cv, dim=1))
-        fixed = _lowest_ids_on_boundary_ties(z, cv, ci, rest_max) if kc < c else ci
+        cv, ci, chunk_lse, chunk_tail, chunk_extra = _chunk_top(
+            z, kc, extra, block, scratch=scratch and not n
+        )
+        lse = torch.logaddexp(lse, chunk_lse)
+        extra_lse = torch.logaddexp(extra_lse, chunk_extra)
+        v, i = _rank(torch.cat([top_v, cv], 1), torch.cat([top_i, ci + s], 1))
+        if v.shape[1] > k:  # candidates that fell out of the top-k join the tail
+            tail = torch.logaddexp(tail, torch.logsumexp(v[:, k:], dim=1))
+        tail = torch.logaddexp(tail, chunk_tail)
+        top_v, top_i = v[:, :k], i[:, :k]
 
         if n:
-            z.scatter_(1, ci, cv)  # restore the chunk's logits
-            zs, cl = (
-                (z, chunk_lse)
-                if sample_temperature == 1.0
-                else (z / sample_temperature, chunk_lse_s)
-            )
-            ids, logit, sample_lse = _reservoir_step(zs, z, cl, sample_lse, n, generator)
+            zf = z.float()
+            zs = zf if sample_temperature == 1.0 else zf / sample_temperature
+            cl = chunk_lse if sample_temperature == 1.0 else torch.logsumexp(zs, dim=1)
+            ids, logit, sample_lse = _reservoir_step(zs, zf, cl, sample_lse, n, generator)
             moved = ids >= 0
             sample_ids = torch.where(moved, ids + s, sample_ids)
             sample_logit = torch.where(moved, logit, sample_logit)
-
-        lse = torch.logaddexp(lse, chunk_lse)
-        v, i = _rank(torch.cat([top_v, cv], 1), torch.cat([top_i, fixed + s], 1))
-        if v.shape[1] > k:  # candidates that fell out of the top-k join the tail
-            tail = torch.logaddexp(tail, torch.logsumexp(v[:, k:], dim=1))
-        tail = torch.logaddexp(tail, rest_lse)
-        top_v, top_i = v[:, :k], i[:, :k]
 
     lse_col = lse.unsqueeze(1)
     out = TeacherSignals(
@@ -327,46 +340,134 @@ def _stream_rows(
         lse=lse,
         log_tail=tail - lse,
         label_logprob=label_logit - lse,
-        temp_lse=(
-            torch.stack(
-                [lse if t == 1.0 else x for t, x in zip(temperatures, temp_lse, strict=True)], 1
-            )
-            if temperatures
-            else None
-        ),
     )
+    if temperatures:
+        by_t = dict(zip(extra, extra_lse.unbind(1), strict=True))
+        out.temp_lse = torch.stack([lse if t == 1.0 else by_t[t] for t in temperatures], 1)
     if n:
         out.sample_ids, out.sample_counts, logit = _unique_counts(sample_ids, sample_logit)
         out.sample_logprobs = logit - lse_col
     return out
 
 
-def _max_and_lse(z: Tensor) -> tuple[Tensor, Tensor]:
-    """(r,) row max and log-sum-exp of z (r, c); the max comes free with a stable lse."""
-    m = z.amax(dim=1)
-    shift = torch.where(torch.isfinite(m), m, 0.0)
-    return m, (z - shift.unsqueeze(1)).exp_().sum(dim=1).log_() + shift
+def block_size(width: int, k: int) -> int:
+    """The block width that makes the two selection steps of `_chunk_top` about equal in size.
 
-
-def _lowest_ids_on_boundary_ties(rest: Tensor, cv: Tensor, ci: Tensor, rest_max: Tensor) -> Tensor:
-    """Make the chunk's top-k ids take the lowest ids among logits tied with the k-th value.
-
-    `rest` (r, c) is the chunk with the chosen `ci` set to -inf. A row has a tie across the
-    boundary when something left out equals the k-th value. Only those rows are redone.
+    Picking k of `width / b` block maxima, then k of the `k * b` logits in the chosen blocks,
+    costs about `width / b + k * b`, least at b = sqrt(width / k); a power of two below it.
     """
-    kth = cv[:, -1]
-    rows = (rest_max == kth).nonzero().squeeze(1)
-    if rows.numel() == 0:  # deliberate sync: the fix costs passes, so pay them only when needed
-        return ci
-    c, kc = rest.shape[1], cv.shape[1]
-    orig = rest[rows].scatter_(1, ci[rows], cv[rows])  # (t, c) the original logits of those rows
-    kth_t = kth[rows].unsqueeze(1)
-    pos = torch.arange(c, device=rest.device, dtype=torch.int32)
-    tied = torch.where(orig == kth_t, pos, c).topk(kc, dim=1, largest=False).values  # ascending
-    above = (cv[rows] > kth_t).sum(1, keepdim=True)  # these lead, as cv is descending
-    j = torch.arange(kc, device=rest.device).unsqueeze(0)
-    fixed = torch.where(j < above, ci[rows], tied.gather(1, (j - above).clamp(min=0)).long())
-    return ci.index_copy(0, rows, fixed)
+    ratio = width / max(k, 1)
+    return 1 << max(0, int(math.log2(ratio) / 2)) if ratio >= 4 else 1
+
+
+def _chunk_top(
+    z: Tensor, k: int, temperatures: tuple[float, ...], block: int | None, *, scratch: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Exact top-k of z (r, c), plus its lse, the lse outside the top-k and the lse at each T.
+
+    The k-th largest logit of a row lies in one of the k blocks with the largest maxima (each
+    of k blocks ranked above its block holds an element ranked above it), so a pass computes
+    each block's max and log-sum-exp, k blocks are picked by their maxima (ties: lower block),
+    and only the k * b logits in them are gathered and ranked. Returns the top-k values (r, k)
+    float32 descending with ties by lower id, their local ids (r, k), the lse (r,), the lse of
+    everything but the top-k (r,), and the lse of z / T (r, m) for each T in `temperatures`.
+    With `scratch`, z is a fresh chunk that may be overwritten (saves a copy on the CPU).
+    """
+    c = z.shape[1]
+    b = min(block or block_size(c, k), c)
+    parts = _blocks(z, b)
+    if _fuse(z):  # one compiled kernel reads each logit once for both
+        stats = [_fused()(p, temperatures) for p, _ in parts]
+        maxima, block_lse = (torch.cat(x, 1) for x in zip(*stats, strict=True))
+    else:
+        maxima, block_lse = torch.cat([p.amax(dim=2).float() for p, _ in parts], 1), None
+    chosen = _top_positions(maxima, min(k, maxima.shape[1]), ranked=False).sort(dim=1).values
+    ids = (chosen.unsqueeze(2) * b + torch.arange(b, device=z.device)).flatten(1)  # ascending
+    cand = z.gather(1, ids.clamp(max=c - 1)).float().masked_fill_(ids >= c, -torch.inf)
+    if block_lse is None:  # after the gather, as it may overwrite z
+        block_lse = torch.cat(
+            [
+                _block_lse(p, m, temperatures, in_place=scratch or fresh)
+                for (p, fresh), m in zip(
+                    parts, maxima.split([p.shape[1] for p, _ in parts], 1), strict=True
+                )
+            ],
+            1,
+        )
+    pos = _top_positions(cand, k, ranked=True)
+    values, top_ids = cand.gather(1, pos), ids.gather(1, pos)
+    all_lse = block_lse.logsumexp(dim=1)  # (r, 1 + m)
+    rest = torch.logaddexp(
+        block_lse[..., 0].scatter(1, chosen, -torch.inf).logsumexp(dim=1),
+        cand.scatter_(1, pos, -torch.inf).logsumexp(dim=1),
+    )
+    return values, top_ids, all_lse[:, 0], rest, all_lse[:, 1:]
+
+
+def _top_positions(x: Tensor, k: int, *, ranked: bool) -> Tensor:
+    """Positions (r, k) of the k largest entries per row of x (r, w); ties go to lower positions.
+
+    torch.topk finds the k-th value; the set is then every entry above it plus the lowest
+    positions equal to it, found by a second top-k over integer keys, so no row needs a sync.
+    With `ranked`, positions come ordered by value descending, then position ascending.
+    """
+    w = x.shape[1]
+    kth = x.topk(k, dim=1).values[:, -1:]
+    pos = torch.arange(w, device=x.device, dtype=torch.int32)
+    key = torch.where(x > kth, pos - w, torch.where(x == kth, pos, w))
+    first = key.topk(k, dim=1, largest=False).values  # above the k-th first, then ties
+    # NaN compares false everywhere and may leave keys of w: clamp keeps the gather in range,
+    # and check_finite reports the row through its lse.
+    chosen = torch.where(first < 0, first + w, first).clamp_(max=w - 1).long()
+    if not ranked:
+        return chosen
+    order = x.gather(1, chosen).sort(dim=1, descending=True, stable=True).indices
+    return chosen.gather(1, order)
+
+
+def _blocks(z: Tensor, b: int) -> list[tuple[Tensor, bool]]:
+    """z (r, c) as blocks (r, nb, b): a view of the whole blocks, then the rest padded with -inf
+    (a fresh copy: the bool says so)."""
+    r, c = z.shape
+    whole = c - c % b
+    parts = [(z[:, :whole].view(r, whole // b, b), False)] if whole else []
+    if whole < c:
+        rest = F.pad(z[:, whole:].float(), (0, b - (c - whole)), value=-torch.inf)
+        parts.append((rest.view(r, 1, b), True))
+    return parts
+
+
+def _block_lse(
+    blocks: Tensor, maxima: Tensor, temperatures: tuple[float, ...], *, in_place: bool
+) -> Tensor:
+    """Log-sum-exp (r, nb, 1 + m) of blocks (r, nb, b) with maxima (r, nb), at T = 1 and each T.
+
+    Each block is shifted by its own max, so a tail block far below the row's max keeps its
+    digits (a shift by the row max would underflow after ~87 nats). Accumulates in float32.
+    `in_place`: blocks may be overwritten (a float32 copy of other dtypes always may be).
+    """
+    shift = torch.where(torch.isfinite(maxima), maxima, 0.0).unsqueeze(2)  # all -inf: no NaN
+    x = blocks.float()
+    mine = in_place or blocks.dtype != torch.float32
+    d = x.sub_(shift) if mine and not temperatures else x - shift
+    lse = [((d / t).exp_().sum(dim=2).log_() + shift[..., 0] / t) for t in temperatures]
+    return torch.stack([d.exp_().sum(dim=2).log_() + shift[..., 0], *lse], dim=2)
+
+
+def _stats(blocks: Tensor, temperatures: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """Max (r, nb) and log-sum-exp (r, nb, 1 + m) of blocks (r, nb, b): the pass CUDA compiles."""
+    maxima = blocks.amax(dim=2).float()
+    return maxima, _block_lse(blocks, maxima, temperatures, in_place=False)
+
+
+def _fuse(z: Tensor) -> bool:
+    """Whether the block pass over z runs compiled (CUDA: eager would read z once per op)."""
+    return z.is_cuda and FUSE_ON_CUDA
+
+
+@functools.cache
+def _fused() -> Callable[[Tensor, tuple[float, ...]], tuple[Tensor, Tensor]]:
+    return torch.compile(_stats, dynamic=True)
 
 
 def _rank(v: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:

@@ -236,9 +236,10 @@ def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--vocab-chunk",
-    default=16384,
+    default=131072,
     show_default=True,
-    help="Vocabulary columns per step of the top-k pass (memory vs speed).",
+    help="Vocabulary columns per step of the top-k pass: each step holds 2048 x this many "
+    "logits in the teacher's dtype (memory vs speed; the default covers a 128k vocabulary).",
 )
 @click.option("--seed", default=0, show_default=True, help="Seeds the sampled tokens.")
 @click.option(

@@ -7,10 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cache_builder import topk
 from cache_builder.topk import (
     NonFiniteError,
     TeacherSignals,
+    block_size,
     check_finite,
     teacher_signals,
     teacher_signals_from_logits,
@@ -292,3 +296,122 @@ def test_cuda_bf16_chunked_topk_matches_torch_topk():
     dense = teacher_signals_from_logits(z, labels, k=k, vocab_chunk=chunk, row_chunk=512)
     for name in ("topk_ids", "topk_logprobs", "lse", "log_tail"):
         assert torch.equal(getattr(s, name), getattr(dense, name)), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    v=st.integers(1, 90),
+    k=st.integers(1, 90),
+    vocab_chunk=st.integers(1, 100),
+    block=st.one_of(st.none(), st.integers(1, 40)),
+    levels=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_block_preselection_is_exact_on_ties(n, v, k, vocab_chunk, block, levels, seed):
+    """Few distinct values (ties everywhere, incl. -inf) against a stable sort in float64."""
+    k = min(k, v)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(0, levels, (n, v), generator=g).float()
+    z[torch.rand(n, v, generator=g) < 0.2] = -math.inf
+    z[0] = -math.inf if n > 1 else z[0]  # a row with nothing legal: lse -inf, but no crash
+    labels = torch.randint(-1, v, (n,), generator=g)
+    s = teacher_signals_from_logits(
+        z, labels, k=k, temperatures=(3.0,), vocab_chunk=vocab_chunk, block=block
+    )
+    ref = _reference(z, labels, k, (3.0,))
+    legal = torch.isfinite(ref["lse"])
+    assert torch.equal(s.topk_ids[legal], ref["ids"][legal])
+    assert torch.equal(z.gather(1, s.topk_ids), ref["values"])
+    torch.testing.assert_close(s.lse.double(), ref["lse"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s.temp_lse.double(), ref["temp_lse"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        s.log_tail[legal].double(), ref["log_tail"][legal], rtol=0, atol=2e-5
+    )
+
+
+def test_block_maxima_tied_across_the_boundary():
+    """Every block holds the same maximum: the k lowest blocks must win, and inside them the
+    k lowest ids of that maximum; values just below it in later blocks must not leak in."""
+    v, b, k = 64, 8, 3
+    z = torch.zeros(2, v)
+    z[:, ::b] = 5.0  # each block's first entry is the max, 8 blocks tie
+    z[1, 40:48] = 5.0  # a whole block of maxima ties too
+    labels = torch.zeros(2, dtype=torch.int64)
+    s = teacher_signals_from_logits(z, labels, k=k, block=b)
+    assert s.topk_ids.tolist() == [[0, 8, 16], [0, 8, 16]]
+    s = teacher_signals_from_logits(z, labels, k=10, block=b)
+    assert s.topk_ids[1].tolist() == [0, 8, 16, 24, 32, 40, 41, 42, 43, 44]
+    assert torch.equal(s.topk_ids, _reference(z, labels, 10)["ids"])
+
+
+def test_top_k_inside_one_block_and_spread_over_blocks():
+    g = torch.Generator().manual_seed(7)
+    v, k = 1000, 16
+    z = torch.randn(2, v, generator=g)
+    z[0, 512 : 512 + k] = 10 + torch.arange(k).float()  # all of it in one block (b = 8 here)
+    z[1, torch.randperm(v, generator=g)[:k]] = 10 + torch.arange(k).float()
+    labels = torch.zeros(2, dtype=torch.int64)
+    for block in (None, 1, 4, 64, 1000):
+        s = teacher_signals_from_logits(z, labels, k=k, block=block)
+        ref = _reference(z, labels, k)
+        assert torch.equal(s.topk_ids, ref["ids"]), block
+        torch.testing.assert_close(s.log_tail.double(), ref["log_tail"], rtol=0, atol=2e-5)
+
+
+def test_block_size_balances_the_two_selections():
+    assert block_size(128256, 64) == 32  # sqrt(2004) = 44.8
+    assert block_size(8192, 64) == 8  # sqrt(128) = 11.3
+    assert block_size(100, 64) == 1
+    assert block_size(300, 8) == 4
+    for width, k in [(10**6, 1), (50_000, 200), (7, 7)]:
+        b = block_size(width, k)
+        assert b >= 1 and b & (b - 1) == 0 and b * b <= width / k
+
+
+def test_bfloat16_logits_are_read_without_an_upcast_copy_of_the_whole():
+    g = torch.Generator().manual_seed(2)
+    z = (torch.randn(40, 700, generator=g) * 4).bfloat16()
+    labels = torch.randint(0, 700, (40,), generator=g)
+    s = teacher_signals_from_logits(z, labels, k=9, temperatures=(2.0,), vocab_chunk=256)
+    ref = _reference(z.float(), labels, 9, (2.0,))
+    assert torch.equal(s.topk_ids, ref["ids"])  # bf16 ties are common: lower id first
+    torch.testing.assert_close(s.lse.double(), ref["lse"], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(s.log_tail.double(), ref["log_tail"], rtol=0, atol=2e-5)
+    torch.testing.assert_close(s.temp_lse.double(), ref["temp_lse"], rtol=1e-6, atol=1e-5)
+
+
+def test_compiled_block_pass_matches_eager(monkeypatch):
+    """The CUDA path compiles the block pass; compile it here on the CPU to check it."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(33, 1500, generator=g) * 3
+    z[:, ::97] = -math.inf
+    labels = torch.randint(-1, 1500, (33,), generator=g)
+    options = dict(k=12, temperatures=(0.5, 2.0), vocab_chunk=700)
+    eager = teacher_signals_from_logits(z, labels, **options)
+    monkeypatch.setattr(topk, "_fuse", lambda z: True)
+    fused = teacher_signals_from_logits(z, labels, **options)
+    assert torch.equal(fused.topk_ids, eager.topk_ids)
+    for name in ("topk_logprobs", "lse", "log_tail", "temp_lse", "label_logprob"):
+        torch.testing.assert_close(
+            getattr(fused, name), getattr(eager, name), rtol=1e-6, atol=1e-5, equal_nan=True
+        )
+
+
+@pytest.mark.gpu
+def test_cuda_fused_block_pass_matches_torch_topk_at_llama_vocab():
+    """[4096, 128256] bf16 logits: the compiled path against torch.topk and a float64 lse."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(1)
+    z = (torch.randn(4096, 128256, device=dev, generator=g) * 3).bfloat16()
+    labels = torch.randint(-1, 128256, (4096,), device=dev, generator=g)
+    s = teacher_signals_from_logits(z, labels, k=64, temperatures=(2.0,))
+    zf = z.float()
+    top = torch.topk(zf, 64)
+    assert torch.equal(s.topk_logprobs + s.lse.unsqueeze(1), top.values)
+    assert torch.equal(
+        s.topk_ids, torch.sort(zf, dim=1, descending=True, stable=True).indices[:, :64]
+    )
+    torch.testing.assert_close(s.lse.double(), zf.double().logsumexp(1), rtol=0, atol=1e-5)
+    rest = zf.double().scatter(1, s.topk_ids, -math.inf).logsumexp(1) - s.lse.double()
+    torch.testing.assert_close(s.log_tail.double(), rest, rtol=0, atol=1e-4)
