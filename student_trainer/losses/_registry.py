@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,17 @@ class LossSpec:
     """True when the loss reads sampled ids (a cache built with `--samples N`)."""
     aux_head: bool = False
     """True when the loss trains a second lm_head passed as `aux_student=`."""
+    per_token: bool = True
+    """True when the loss is a mean over positions of a term that reads only its own position;
+    the trainer then runs it on dense blocks of rows (`row_blocked_loss`), else it runs once on
+    the whole micro-batch through the vocabulary-chunked student."""
+    ce_option: str | None = None
+    """The option that weights a next-token cross-entropy the loss already adds (its paper's
+    task term), or None when it adds none. A trainer-side CE weight would count it twice."""
+
+    def __post_init__(self) -> None:
+        if self.ce_option is not None and self.ce_option not in self.options:
+            raise ValueError(f"ce_option {self.ce_option!r} is not an option of {self.fn.__name__}")
 
     @property
     def options(self) -> dict[str, Any]:
@@ -36,3 +47,12 @@ class LossSpec:
             for p in params
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("stats", "aux_student")
         }
+
+    def builtin_ce(self, options: Mapping[str, Any]) -> float:
+        """Weight of the label cross-entropy the loss adds itself under `options` (0.0: none).
+
+        `options` are the user's resolved `--loss-option`s; a missing one takes its default.
+        """
+        if self.ce_option is None:
+            return 0.0
+        return float(options.get(self.ce_option, self.options[self.ce_option]))

@@ -15,8 +15,11 @@ From the cache (`p_y` comes from the stored label log-prob, so it is exact even 
   fallback, a lower bound on the tail for T > 1); the fraction of rows it changes goes to
   `stats`.
 
-Neither loss includes the plain cross-entropy that both papers add (`CE + L`): the trainer's CE
-weight provides it. DKD's warm-up (`min(epoch / warmup, 1)`) is a schedule, also the trainer's.
+Both papers train with the plain label cross-entropy beside their term (`CE + L`: mdistiller
+`DKD.forward_train` with CE weight 1, cls_KD's distiller keeps the student's own loss next to
+`loss_dkd` / `loss_nkd`), so both losses here add `ce * CE` at T = 1, `ce=1` by default; `ce=0`
+gives the bare term. DKD's warm-up (`min(epoch / warmup, 1)` on the DKD term) is a schedule,
+left to the trainer.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from student_trainer.losses._logspace import (
 )
 from student_trainer.losses._registry import LossSpec
 from student_trainer.losses._student import StudentLogits
+from student_trainer.losses.zloss import cross_entropy
 
 
 def dkd(
@@ -46,13 +50,15 @@ def dkd(
     temperature: float = 1.0,
     alpha: float = 1.0,
     beta: float = 0.5,
+    ce: float = 1.0,
     stats: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """Mean over rows of `T^2 (alpha TCKD + beta NCKD)`.
+    """Mean over rows of `ce * CE + T^2 (alpha TCKD + beta NCKD)`, CE on the labels at T = 1.
 
     Defaults are the paper's ImageNet setting (T=1, alpha=1, beta=0.5), the published setting
     closest to an LLM vocabulary, and T=1 keeps the target part exact from the cache. (CIFAR-100
-    used T=4, beta=8; at T=1 and beta=1, DKD is TCKD + NCKD >= KL.)
+    used T=4, beta=8; at T=1 and beta=1, DKD is TCKD + NCKD >= KL.) `ce=1` is the paper's CE
+    weight; `ce=0` leaves the bare DKD term.
     """
     t, s = _teacher_split(teacher, temperature), _student_split(student, teacher, temperature)
     tckd = kl_div(
@@ -60,13 +66,18 @@ def dkd(
         torch.stack([s.log_target, s.log_non_target], -1),
     )
     nckd = kl_div(t.log_non_target_dist, s.log_non_target_dist)  # (N,)
-    per_row = temperature**2 * (alpha * tckd + beta * nckd)
+    loss = (temperature**2 * (alpha * tckd + beta * nckd)).mean()
+    label_ce = cross_entropy(student, teacher.labels) if ce else None
+    if label_ce is not None:
+        loss = loss + ce * label_ce
     if stats is not None:
+        if label_ce is not None:
+            stats["dkd/ce"] = label_ce.detach()
         stats["dkd/tckd"] = tckd.mean().detach()
         stats["dkd/nckd"] = nckd.mean().detach()
         stats["dkd/nckd_tail_mass"] = t.log_non_target_dist[:, -1].exp().mean().detach()
         stats["dkd/teacher_approx_rows"] = approx_temperature_rows(teacher, temperature)
-    return per_row.mean()
+    return loss
 
 
 def nkd(
@@ -75,13 +86,15 @@ def nkd(
     *,
     temperature: float = 1.0,
     gamma: float = 1.5,
+    ce: float = 1.0,
     stats: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """Mean over rows of `-p_y log q_y - gamma T^2 sum_{i != y} p~_i log q~_i`.
+    """Mean over rows of `ce * CE - p_y log q_y - gamma T^2 sum_{i != y} p~_i log q~_i`.
 
     The target term is at T = 1 with `p_y` detached (yzd-v/cls_KD `NKDLoss`); the non-target
     term is a cross-entropy at T over the bucketed non-target distributions. Defaults are the
-    official ImageNet ones (T=1, gamma=1.5). fpcsong/BiLD's LLM port uses gamma=0.25, no T^2.
+    official ImageNet ones (T=1, gamma=1.5, and the student's own CE beside the NKD term);
+    `ce=0` leaves the bare NKD term. fpcsong/BiLD's LLM port uses gamma=0.25, no T^2.
     """
     t, s = _teacher_split(teacher, temperature), _student_split(student, teacher, temperature)
     if temperature == 1.0:
@@ -91,13 +104,18 @@ def nkd(
         log_q_y = student.gather(teacher.labels.unsqueeze(-1)).squeeze(-1) - student.lse()
     target = -log_p_y.exp() * log_q_y  # (N,)
     non_target = soft_cross_entropy(t.log_non_target_dist, s.log_non_target_dist)  # (N,) >= 0
-    per_row = target + gamma * temperature**2 * non_target
+    loss = (target + gamma * temperature**2 * non_target).mean()
+    label_ce = cross_entropy(student, teacher.labels) if ce else None
+    if label_ce is not None:
+        loss = loss + ce * label_ce
     if stats is not None:
+        if label_ce is not None:
+            stats["nkd/ce"] = label_ce.detach()
         stats["nkd/target"] = target.mean().detach()
         stats["nkd/non_target"] = non_target.mean().detach()
         stats["nkd/tail_mass"] = t.log_non_target_dist[:, -1].exp().mean().detach()
         stats["nkd/teacher_approx_rows"] = approx_temperature_rows(teacher, temperature)
-    return per_row.mean()
+    return loss
 
 
 class _Split(NamedTuple):
@@ -161,12 +179,16 @@ def _student_split(student: StudentLogits, teacher: TeacherBatch, temperature: f
 SPECS: dict[str, LossSpec] = {
     "dkd": LossSpec(
         dkd,
-        "Decoupled KD T^2(alpha TCKD + beta NCKD), T=1 alpha=1 beta=0.5, add CE separately; "
-        "TCKD exact (stored label log-prob), NCKD bucketed over the cache (lower bound)",
+        "Decoupled KD: ce CE + T^2(alpha TCKD + beta NCKD), T=1 alpha=1 beta=0.5 ce=1 (the "
+        "paper's CE; ce=0 drops it, and --ce-weight would add a second one); TCKD exact "
+        "(stored label log-prob), NCKD bucketed over the cache (lower bound)",
+        ce_option="ce",
     ),
     "nkd": LossSpec(
         nkd,
-        "Normalized KD: -p_y log q_y - gamma T^2 CE(non-target), T=1 gamma=1.5, add CE "
-        "separately; target exact, non-target bucketed over the cache",
+        "Normalized KD: ce CE - p_y log q_y - gamma T^2 CE(non-target), T=1 gamma=1.5 ce=1 (the "
+        "paper's CE; ce=0 drops it, and --ce-weight would add a second one); target exact, "
+        "non-target bucketed over the cache",
+        ce_option="ce",
     ),
 }

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,7 +91,7 @@ def test_full_cache_equals_dense_dkd(T, alpha, beta):
     s, z, y = _data(seed=1)
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1], temperatures=(T,))
     tckd, nckd, _ = dense_parts(s, z, y, T)
-    got = dkd(DenseStudent(s), teacher, temperature=T, alpha=alpha, beta=beta)
+    got = dkd(DenseStudent(s), teacher, temperature=T, alpha=alpha, beta=beta, ce=0.0)
     torch.testing.assert_close(
         got, (T**2 * (alpha * tckd + beta * nckd)).mean(), rtol=1e-5, atol=1e-6
     )
@@ -140,7 +141,7 @@ def test_dkd_zero_when_student_is_teacher_plus_constant():
     for k in (16, 5):
         teacher = teacher_batch_from_logits(z, y, k=k)
         x = (z + 3.0).clone().requires_grad_()
-        got = dkd(DenseStudent(x), teacher, beta=8.0)
+        got = dkd(DenseStudent(x), teacher, beta=8.0, ce=0.0)
         (grad,) = torch.autograd.grad(got, x)
         assert abs(got.item()) < 1e-6 and grad.abs().max().item() < 1e-6
 
@@ -162,7 +163,7 @@ def nkd_dense(s, z, y, T, gamma):
 def test_full_cache_equals_dense_nkd(T, gamma):
     s, z, y = _data(seed=5)
     teacher = teacher_batch_from_logits(z, y, k=z.shape[1], temperatures=(T,))
-    got = nkd(DenseStudent(s), teacher, temperature=T, gamma=gamma)
+    got = nkd(DenseStudent(s), teacher, temperature=T, gamma=gamma, ce=0.0)
     torch.testing.assert_close(got, nkd_dense(s, z, y, T, gamma), rtol=1e-5, atol=1e-6)
 
 
@@ -173,7 +174,7 @@ def test_nkd_small_cache_non_target_is_the_bucketed_cross_entropy():
     assert inside.any() and (~inside).any()
     for gamma in (1.5, 0.25):
         stats: dict[str, torch.Tensor] = {}
-        got = nkd(DenseStudent(s), teacher, gamma=gamma, stats=stats)
+        got = nkd(DenseStudent(s), teacher, gamma=gamma, ce=0.0, stats=stats)
         log_q = torch.log_softmax(s, -1)
         p = torch.softmax(z, -1)
         target = -(p.gather(1, y[:, None]) * log_q.gather(1, y[:, None])).squeeze(1)
@@ -256,9 +257,29 @@ def test_dense_and_chunked_students_agree():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("fn", [dkd, nkd], ids=["dkd", "nkd"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_the_papers_label_cross_entropy_is_added_at_t1_by_default(fn, T):
+    """Both papers train on CE + their term (mdistiller DKD, cls_KD's distiller): the default
+    adds the label CE at T = 1 with weight 1, `ce` scales it and `ce=0` removes it."""
+    s, z, y = _data(seed=9)
+    teacher = teacher_batch_from_logits(z, y, k=5, temperatures=(2.0,))
+    name = fn.__name__
+    bare = fn(DenseStudent(s), teacher, temperature=T, ce=0.0)
+    stats: dict[str, torch.Tensor] = {}
+    default = fn(DenseStudent(s), teacher, temperature=T, stats=stats)
+    label_ce = F.cross_entropy(s, y)  # at T = 1 whatever the distillation T
+    torch.testing.assert_close(default, bare + label_ce, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats[f"{name}/ce"], label_ce, rtol=1e-6, atol=1e-7)
+    half = fn(DenseStudent(s), teacher, temperature=T, ce=0.5)
+    torch.testing.assert_close(half, bare + 0.5 * label_ce, rtol=1e-6, atol=1e-6)
+    assert SPECS[name].builtin_ce({}) == 1.0 and SPECS[name].builtin_ce({"ce": 0.0}) == 0.0
+
+
 def test_specs_list_the_options():
-    assert SPECS["dkd"].options == {"temperature": 1.0, "alpha": 1.0, "beta": 0.5}
-    assert SPECS["nkd"].options == {"temperature": 1.0, "gamma": 1.5}
+    assert SPECS["dkd"].options == {"temperature": 1.0, "alpha": 1.0, "beta": 0.5, "ce": 1.0}
+    assert SPECS["nkd"].options == {"temperature": 1.0, "gamma": 1.5, "ce": 1.0}
+    assert all("ce=0" in spec.summary and "--ce-weight" in spec.summary for spec in SPECS.values())
     assert isinstance(SPECS["dkd"].fn(DenseStudent(torch.zeros(1, 3)), _tiny()), torch.Tensor)
 
 
