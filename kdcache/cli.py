@@ -382,6 +382,22 @@ class _LazyChoice(click.Choice):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on with CUDA).")
 @click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Under torchrun, shard the student (weights, gradients, optimizer state) over the ranks "
+    "with FSDP instead of copying it to each with DDP. Use it when the student with its AdamW "
+    "state does not fit one device; DDP is faster when it does. No effect in one process.",
+)
+@click.option(
+    "--logit-block",
+    default=1 << 24,
+    show_default=True,
+    help="The most student logits (rows x vocabulary) the loss holds at once. Per-token losses "
+    "run over blocks of this many / V rows and take each block's gradient as they go, so a step "
+    "costs what plain cross-entropy costs without its [tokens, vocabulary] logits. Lower it if a "
+    "step runs out of memory.",
+)
+@click.option(
     "--skip-bad-shards", is_flag=True, help="Count and skip shards that fail their checksum."
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)

@@ -71,10 +71,17 @@ class TrainConfig:
     """--device: auto (cuda when available), cpu, cuda, cuda:1, ..."""
     bf16: bool | None = None
     """--bf16/--no-bf16: bf16 autocast (default: on for CUDA, off on CPU)."""
+    fsdp: bool = False
+    """--fsdp: under torchrun, shard the student's parameters, gradients and optimizer state over
+    the ranks with FSDP (per decoder layer) instead of replicating it with DDP; for students
+    that do not fit one device. Ignored in a single process."""
     skip_bad_shards: bool = False
     """--skip-bad-shards: skip (and count) shards that fail their checksum instead of stopping."""
+    logit_block: int = 1 << 24
+    """--logit-block: the most student logits (rows x vocabulary) a per-token loss holds at
+    once: it runs over blocks of logit_block // V rows, taking each block's gradient as it goes."""
     vocab_chunk: int = 8192
-    """--vocab-chunk: vocabulary columns per step of the student's chunked log-sum-exp."""
+    """Vocabulary columns per step of the chunked student (evaluation, losses across rows)."""
     progress: bool = True
     """--progress/--no-progress: progress bar with loss, tokens/s and ETA."""
     log_every: int = 10
@@ -99,6 +106,7 @@ class TrainConfig:
             (self.batch_tokens >= 2, "--batch-tokens must be at least 2"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
             (self.clip >= 0, "--clip must be >= 0"),
+            (self.logit_block >= 1, "--logit-block must be at least 1"),
             (self.shuffle_buffer >= 0, "--shuffle-buffer must be >= 0"),
             (self.num_workers >= 0, "--num-workers must be >= 0"),
             (

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from schemas.cache import Cache
 from schemas.errors import ConfigError, IncompatibleCacheError
 from schemas.fingerprint import tokenizer_fingerprint, vocab_extends
 from student_trainer.config import TrainConfig
+
+T = TypeVar("T")
 
 
 def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str]:
@@ -97,11 +101,23 @@ def _default_student_config() -> Path:
     return DEFAULT_STUDENT_CONFIG
 
 
+Objective = Callable[[Tensor, Tensor, Tensor | None, Tensor | None], T]
+"""What the step asks of the student: `objective(h (N, d), weight (V, d), bias (V,) | None,
+aux_weight (V, d) | None)`, usually the loss."""
+
+
 class HiddenAndHead(nn.Module):
     """The student as the losses need it: final hidden states and the lm_head, not logits.
 
-    Wrapping this (not the HF model) in DDP keeps gradient sync working while the logits are
-    never materialised: DDP only needs its forward to be the one that runs.
+    With an `objective`, forward returns `objective(h, weight, bias, aux)`: the loss is computed
+    inside forward, the call that DDP and FSDP wrap. Under FSDP the lm_head is whole only between
+    the root's all-gather before forward and its reshard after backward (elsewhere `head.weight`
+    is this rank's DTensor shard), and computing the loss inside forward keeps every use of it in
+    that window, whatever FSDP's resharding policy. The logits are still never materialised: the
+    objective receives the hidden states and the head, not logits.
+
+    Without an objective, forward returns `(h, weight, bias, aux)` as before (one process or DDP
+    only; the benchmarks call it that way).
     """
 
     def __init__(self, model: nn.Module, aux_head: bool = False) -> None:
@@ -113,11 +129,25 @@ class HiddenAndHead(nn.Module):
             with torch.no_grad():
                 self.aux.weight.copy_(head.weight)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor):
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        rows: Tensor,
+        objective: Objective[T] | None = None,
+    ) -> T | tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         hidden = self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state  # (B, L, d)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (N, d)
         head = self.model.get_output_embeddings()
         aux = None if self.aux is None else self.aux.weight
-        return h, head.weight, head.bias, aux
+        if objective is None:
+            return h, head.weight, head.bias, aux
+        # The loss runs outside bf16 autocast, as it did when it ran after forward: the chunked
+        # lm_head products and their log-sum-exp stay in the master weights' precision, and the
+        # chunked lse's backward (which recomputes its logits without autocast) sees the same
+        # logits as its forward. The body may hand back bf16 states; they meet fp32 weights.
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.to(torch.promote_types(h.dtype, head.weight.dtype))
+            return objective(h, head.weight, head.bias, aux)

@@ -1,7 +1,13 @@
 """`train(cfg)`: stream a cache into student training.
 
 cache shards -> ShardStream -> batches -> collate -> student hidden states (N, d)
--> loss(ChunkedStudent(h, lm_head), TeacherBatch) [+ CE, z-loss] -> AdamW step
+-> loss(student logits, TeacherBatch) [+ CE, z-loss] -> AdamW step
+
+Per-token losses see dense logits of blocks of rows (`row_blocked_loss`), the others the
+vocabulary-chunked `ChunkedStudent`; neither holds [N, V] logits.
+
+The loss is computed inside the student's forward (`HiddenAndHead` with an objective), the
+module that DDP or FSDP wraps (`parallel.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from schemas.cache import Cache, open_cache
@@ -29,10 +36,20 @@ from student_trainer.batch import StudentInputs, TeacherBatch, collate
 from student_trainer.config import TrainConfig
 from student_trainer.dataset import ShardStream, batches
 from student_trainer.losses import LOSSES, LossSpec, resolve_options
-from student_trainer.losses._student import ChunkedStudent, StudentLogits
+from student_trainer.losses._rowblock import row_blocked_loss
+from student_trainer.losses._student import ChunkedStudent, DenseStudent, StudentLogits
 from student_trainer.losses.kl import fkl_tail
 from student_trainer.losses.zloss import cross_entropy, z_loss
-from student_trainer.student import HiddenAndHead, load_student
+from student_trainer.metrics import MetricLog
+from student_trainer.parallel import (
+    clip_grad_norm,
+    fsdp_units,
+    full_state,
+    load_full_state,
+    student_weights,
+)
+from student_trainer.parallel import wrap as wrap_for_ranks
+from student_trainer.student import HiddenAndHead, Objective, load_student
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -60,6 +77,7 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     spec = _loss_spec(cfg.loss)
     options = resolve_options(cfg.loss, cfg.loss_options)
+    _check_one_ce(spec, options, cfg)
     rank, world, local = _ranks()
     device = torch.device(
         cfg.device
@@ -80,8 +98,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     say(
         f"{what}; loss {cfg.loss} {options or ''}; cache {cache.url} ({cache.manifest.num_tokens} tokens, k={cache.layout.k})"
     )
-    net = HiddenAndHead(model, aux_head=spec.aux_head).to(device)
-    wrapped = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    net = HiddenAndHead(model, aux_head=spec.aux_head)
+    if cfg.fsdp and world == 1:
+        say("--fsdp: one process, nothing to shard; training unsharded (launch with torchrun)")
+    wrapped = wrap_for_ranks(net, device, world, fsdp=cfg.fsdp)
+    if units := fsdp_units(net):
+        say(f"FSDP over {world} ranks in {units} units: each decoder layer, then the rest")
 
     stream = ShardStream(
         cfg.cache,
@@ -111,7 +133,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
 
-    log = _MetricLog(out, enabled=rank == 0)
+    log = MetricLog(out, enabled=rank == 0)
     micro_batches = _micro_batches(stream, cfg, cache, state)
     bar = tqdm(
         total=total_steps,
@@ -134,12 +156,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             inputs, teacher = next(micro_batches)
             inputs, teacher = inputs.to(device), teacher.to(device)
             stats: dict[str, torch.Tensor] = {}
+            objective = _objective(spec, options, cfg, teacher, stats, bf16)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                h, weight, bias, aux = wrapped(inputs.input_ids, inputs.attention_mask, inputs.rows)
-            loss = (
-                _loss(spec, options, cfg, _student(h, weight, bias, cfg), teacher, aux, stats)
-                / cfg.grad_accum
-            )
+                loss = wrapped(inputs.input_ids, inputs.attention_mask, inputs.rows, objective)
+            loss = loss / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())  # deliberate sync, once per micro-batch, for the log
             state["tokens"] += int(inputs.attention_mask.sum()) * world
@@ -148,8 +168,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 approx.setdefault(key, []).append(float(value))
         if world > 1:  # log the loss of the whole step, not of this rank's share of it
             step_loss = _mean_over_ranks(step_loss, device, world)
-        # --clip 0 clips nothing (max_norm inf) but still measures the norm for the log
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip or math.inf)
+        # --clip 0 clips nothing but still measures the norm for the log
+        grad_norm = clip_grad_norm(net.parameters(), cfg.clip)
         optimizer.step()
         schedule.step()
         state["step"] += 1
@@ -170,8 +190,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             row.update(evaluate(net, cfg, device, bf16))
         if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or "eval_ce" in row:
             log.write(row)
-        if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and rank == 0:
-            _save_checkpoint(out, net, optimizer, schedule, state)
+        if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+            _save_checkpoint(out, net, optimizer, schedule, state)  # every rank: FSDP gathers
     bar.close()
 
     result = TrainResult(
@@ -186,12 +206,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.eval_cache:
         result.eval = evaluate(net, cfg, device, bf16)
         log.write({"step": state["step"], **result.eval})
+    _save_checkpoint(out, net, optimizer, schedule, state)
+    weights = student_weights(net) if cfg.save_model else None  # every rank: FSDP gathers
     if rank == 0:
-        _save_checkpoint(out, net, optimizer, schedule, state)
         if cfg.save_model:
-            model.save_pretrained(out / "student")
+            # Under FSDP `model`'s own parameters are shards; `weights` are the whole tensors.
+            model.save_pretrained(out / "student", state_dict=weights)
             tokenizer.save_pretrained(out / "student")
         log.plot(out / "loss_curve.png")
+        log.close()
         (out / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
     if world > 1:
         dist.barrier()
@@ -236,10 +259,49 @@ def _micro_batches(
             )
 
 
-def _student(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: TrainConfig
-) -> StudentLogits:
-    return ChunkedStudent(h, weight, bias, vocab_chunk=cfg.vocab_chunk)
+def _objective(
+    spec: LossSpec,
+    options: dict[str, Any],
+    cfg: TrainConfig,
+    teacher: TeacherBatch,
+    stats: dict[str, torch.Tensor],
+    bf16: bool = False,
+) -> Objective[torch.Tensor]:
+    """The micro-batch's loss as a function of what `HiddenAndHead` computes in its forward.
+
+    Per-token losses run on dense blocks of rows with their gradient taken in the same pass
+    (three lm_head products, as plain CE, and no [N, V] logits); the others go once through the
+    vocabulary-chunked student.
+    """
+
+    def objective(
+        h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, aux: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not spec.per_token:
+            student = ChunkedStudent(h, weight, bias, vocab_chunk=cfg.vocab_chunk)
+            aux_student = None if aux is None else student.with_head(aux)
+            return _loss(spec, options, cfg, student, teacher, aux_student, stats)
+        shares: list[tuple[float, dict[str, torch.Tensor]]] = []
+
+        def block_loss(hb, wb, bb, ab, *, rows: slice) -> torch.Tensor:
+            # bf16 products where the step autocasts; the loss itself widens to float32
+            with torch.autocast(hb.device.type, dtype=torch.bfloat16, enabled=bf16):
+                z = F.linear(hb, wb, bb)
+                za = None if ab is None else F.linear(hb, ab)
+            seen: dict[str, torch.Tensor] = {}
+            part = teacher.select(rows)
+            aux_student = None if za is None else DenseStudent(za)
+            loss = _loss(spec, options, cfg, DenseStudent(z), part, aux_student, seen)
+            shares.append(((rows.stop - rows.start) / h.shape[0], seen))
+            return loss
+
+        rows = max(1, cfg.logit_block // weight.shape[0])
+        loss = row_blocked_loss(block_loss, h, weight, bias, aux, rows_per_block=rows)
+        for key in shares[0][1] if shares else ():
+            stats[key] = sum(share * seen[key].detach() for share, seen in shares)
+        return loss
+
+    return objective
 
 
 def _loss(
@@ -248,7 +310,7 @@ def _loss(
     cfg: TrainConfig,
     student: StudentLogits,
     teacher: TeacherBatch,
-    aux: torch.Tensor | None,
+    aux_student: StudentLogits | None,
     stats: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     kwargs = dict(options)
@@ -259,7 +321,7 @@ def _loss(
     ):
         kwargs["temperature"] = cfg.temperature
     if spec.aux_head:
-        kwargs["aux_student"] = student.with_head(aux)  # type: ignore[attr-defined]
+        kwargs["aux_student"] = aux_student
     loss = spec.fn(student, teacher, **kwargs, stats=stats)
     if cfg.ce_weight:
         loss = loss + cfg.ce_weight * cross_entropy(student, teacher.labels)
@@ -273,7 +335,9 @@ def evaluate(
     net: HiddenAndHead, cfg: TrainConfig, device: torch.device, bf16: bool
 ) -> dict[str, float]:
     """Student CE, bucketed KL to the teacher's top-k (exact lower bound on the full KL) and
-    top-1 agreement with the teacher, on up to `eval_tokens` held-out tokens."""
+    top-1 agreement with the teacher, on up to `eval_tokens` held-out tokens.
+
+    Every rank evaluates the same batches: under FSDP each forward is a collective."""
     assert cfg.eval_cache is not None
     cache = open_cache(cfg.eval_cache, require_complete=True, **cfg.storage_options)
     stream = ShardStream(cfg.eval_cache, shuffle=False, storage_options=cfg.storage_options)
@@ -283,18 +347,18 @@ def evaluate(
     for group in batches(iter(stream), cfg.batch_tokens):
         inputs, teacher = collate(group, cache.layout.vocab_size)
         inputs, teacher = inputs.to(device), teacher.to(device)
+
+        def measures(h, weight, bias, aux, teacher=teacher):
+            student = ChunkedStudent(h, weight, bias, vocab_chunk=cfg.vocab_chunk)
+            agree = (student.topk_ids(1)[:, 0] == teacher.ids[:, 0]).float().sum()
+            return cross_entropy(student, teacher.labels), fkl_tail(student, teacher), agree
+
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            h, weight, bias, _ = net(inputs.input_ids, inputs.attention_mask, inputs.rows)
-        student = ChunkedStudent(
-            h.float(),
-            weight.float(),
-            None if bias is None else bias.float(),
-            vocab_chunk=cfg.vocab_chunk,
-        )
+            ce, kl, agree = net(inputs.input_ids, inputs.attention_mask, inputs.rows, measures)
         n = teacher.labels.shape[0]
-        totals["ce"] += float(cross_entropy(student, teacher.labels)) * n
-        totals["kl"] += float(fkl_tail(student, teacher)) * n
-        totals["agree"] += float((student.topk_ids(1)[:, 0] == teacher.ids[:, 0]).float().sum())
+        totals["ce"] += float(ce) * n
+        totals["kl"] += float(kl) * n
+        totals["agree"] += float(agree)
         totals["n"] += n
         if totals["n"] >= cfg.eval_tokens:
             break
@@ -311,6 +375,16 @@ def _loss_spec(name: str) -> LossSpec:
     if name not in LOSSES:
         raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]
+
+
+def _check_one_ce(spec: LossSpec, options: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse --ce-weight on a loss that already adds its paper's cross-entropy term."""
+    if cfg.ce_weight and spec.builtin_ce(options):
+        raise ConfigError(
+            f"loss {cfg.loss} already adds the next-token cross-entropy "
+            f"({spec.ce_option}={spec.builtin_ce(options):g}), so --ce-weight would count it twice",
+            hint=f"drop --ce-weight, or set its weight with --loss-option {spec.ce_option}=...",
+        )
 
 
 def _check_cache_fits(spec: LossSpec, cfg: TrainConfig, cache: Cache) -> None:
@@ -341,9 +415,14 @@ def _ranks() -> tuple[int, int, int]:
 def _save_checkpoint(
     out: Path, net: HiddenAndHead, optimizer, schedule, state: dict[str, int]
 ) -> None:
+    """Every rank calls this (under FSDP gathering the full state is a collective); rank 0
+    writes. The checkpoint holds full tensors keyed by name, whatever the parallelism."""
+    model_state, optimizer_state = full_state(net, optimizer)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     payload = {
-        "model": net.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "schedule": schedule.state_dict(),
         "state": dict(state),
         "rng": {
@@ -358,71 +437,19 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(out: Path, net: HiddenAndHead, optimizer, schedule) -> dict[str, int]:
+    """Every rank reads the checkpoint (--out is shared by the ranks) and keeps its shard."""
     path = out / CHECKPOINT
     if not path.exists():
         raise ConfigError(
             f"--resume: no checkpoint at {path}", hint="run without --resume to start fresh"
         )
     payload = torch.load(path, weights_only=False)
-    net.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    load_full_state(net, optimizer, payload["model"], payload["optimizer"])
     schedule.load_state_dict(payload["schedule"])
     torch.set_rng_state(payload["rng"]["torch"])
     random.setstate(payload["rng"]["python"])
     np.random.set_state(payload["rng"]["numpy"])
     return dict(payload["state"])
-
-
-class _MetricLog:
-    """metrics.jsonl always; TensorBoard when installed; a loss-curve PNG at the end."""
-
-    def __init__(self, out: Path, enabled: bool) -> None:
-        self.path, self.enabled = out / "metrics.jsonl", enabled
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if key != "step":
-                    self.tb.add_scalar(key, value, row["step"])
-
-    def plot(self, target: Path) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            _say("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)")
-            return
-        rows = (
-            [json.loads(line) for line in self.path.read_text().splitlines()]
-            if self.path.exists()
-            else []
-        )
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        if train:
-            ax.plot(*zip(*train, strict=False), label="train loss")
-        evals = [(r["step"], r["eval_ce"]) for r in rows if "eval_ce" in r]
-        if evals:
-            ax.plot(*zip(*evals, strict=False), "o-", label="eval CE")
-        ax.set_xlabel("step")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(target, dpi=100)
-        plt.close(fig)
 
 
 def _say(message: str) -> None:

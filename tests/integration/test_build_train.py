@@ -135,11 +135,36 @@ def test_every_loss_trains_from_the_cache(sampled_cache, tiny_llama_dir, tmp_pat
             batch_tokens=192,
             progress=False,
             save_model=False,
-            ce_weight=0.1,
+            ce_weight=0.0 if LOSSES[loss].builtin_ce({}) else 0.1,
         )
     )
     assert result.steps == 2 and result.final_loss == result.final_loss  # finite, not NaN
     assert (tmp_path / loss / "metrics.jsonl").exists()
+
+
+def test_ce_weight_on_a_loss_with_its_own_ce_is_refused(
+    sampled_cache, tiny_llama_dir, tmp_path
+) -> None:
+    options = ["--cache", sampled_cache, "--out", str(tmp_path / "o"), "--loss", "dkd"]
+    result = CliRunner().invoke(main, ["train", *options, "--ce-weight", "0.5"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "already adds the next-token cross-entropy (ce=1)" in result.output
+    assert "--loss-option ce=" in result.output
+    ok = train(
+        TrainConfig(
+            cache=sampled_cache,
+            out=str(tmp_path / "ok"),
+            student=str(tiny_llama_dir),
+            loss="dkd",
+            loss_options={"ce": "0"},
+            ce_weight=0.5,
+            max_steps=1,
+            batch_tokens=192,
+            progress=False,
+            save_model=False,
+        )
+    )
+    assert ok.steps == 1
 
 
 def test_fresh_student_learns_and_is_saved(sampled_cache, tiny_llama_dir, tmp_path) -> None:

@@ -1,6 +1,7 @@
-"""Training beyond one process and one disk: `torchrun` DDP equals gradient accumulation, and a
-cache on `memory://` or on S3 (a moto server on 127.0.0.1) trains exactly like the same cache on
-local disk, the tokenizer copy included."""
+"""Training beyond one process and one disk: `torchrun` DDP and FSDP equal gradient accumulation
+(FSDP's checkpoint resumes and its saved student loads), and a cache on `memory://` or on S3 (a
+moto server on 127.0.0.1) trains exactly like the same cache on local disk, the tokenizer copy
+included."""
 
 from __future__ import annotations
 
@@ -89,6 +90,13 @@ def student_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "student" / "model.safetensors")
 
 
+SAME = 1e-4
+"""Parameters "equal" after 4 AdamW steps at lr 1e-2 from sums taken in another order: AdamW
+divides each entry's gradient by its own scale, so an entry whose gradient is near rounding level
+moves a rounding-sized amount of a whole step (seen: 4e-5 on one entry, 1e-6 elsewhere). 1% of
+one step; the control that sees other data differs by more than 1e-2."""
+
+
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -100,22 +108,60 @@ from student_trainer import TrainConfig, train
 train(TrainConfig(**json.loads(sys.argv[1])))
 """
 
+LAUNCH_KEEPING_A_CHECKPOINT = """
+import importlib, json, shutil, sys
+from pathlib import Path
+import torch.distributed as dist
+from student_trainer import TrainConfig, train
+
+train_module = importlib.import_module("student_trainer.train")  # the module, not the function
+
+config, keep_step, keep = json.loads(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+real_save = train_module._save_checkpoint
+
+def save_and_keep(out, net, optimizer, schedule, state):
+    real_save(out, net, optimizer, schedule, state)
+    if state["step"] == keep_step and dist.get_rank() == 0:  # what a run killed here leaves
+        keep.mkdir()
+        for name in (train_module.CHECKPOINT, "metrics.jsonl"):
+            shutil.copy(out / name, keep / name)
+
+train_module._save_checkpoint = save_and_keep
+train(TrainConfig(**config))
+"""
+
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ddp_equals_gradient_accumulation(built_cache, tiny_llama_dir, tmp_path) -> None:
-    """`torchrun --nproc_per_node 2` with grad_accum 2 ends at the parameters of one process with
-    grad_accum 4, and logs the same loss and gradient norm at every step: every shard is one
-    micro-batch (ShardStream's documented rule), so each optimizer step sees the same four
-    micro-batches, averaged the same way (DDP averages the ranks' gradients, each rank divides
-    by its own accumulation). Two epochs of 8 shards.
+def torchrun(tmp_path: Path, script: str, *args: str) -> str:
+    """Run `script` under `torchrun --standalone --nproc_per_node 2` (gloo on CPU; --standalone
+    picks a free rendezvous port); return its stderr."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    run = subprocess.run(
+        [*command, "--nproc_per_node", "2", str(launcher), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stderr
 
-    AdamW and clipping would hide a gradient off by a constant factor; the logged gradient norm
-    (before clipping) does not."""
-    cache = reshard(built_cache, str(tmp_path / "one-per-shard"), shards=8)
-    common = dict(
+
+@pytest.fixture(scope="module")
+def scale_run(built_cache, tiny_llama_dir, tmp_path_factory) -> dict:
+    """Settings of the 2-rank runs and their 1-process twin: a cache of 8 one-sequence shards,
+    every shard one micro-batch (ShardStream's documented rule), 4 steps = two epochs at 4
+    micro-batches per step."""
+    cache = reshard(built_cache, str(tmp_path_factory.mktemp("scale") / "one-per-shard"), 8)
+    return dict(
         cache=cache,
         student=str(tiny_llama_dir),
         loss="fkl",
@@ -130,37 +176,83 @@ def test_ddp_equals_gradient_accumulation(built_cache, tiny_llama_dir, tmp_path)
         device="cpu",
         progress=False,
     )
-    train(TrainConfig(out=str(tmp_path / "single"), grad_accum=4, **common))
-    train(TrainConfig(out=str(tmp_path / "half"), grad_accum=2, **common))
 
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(LAUNCH)
-    ddp_config = {**common, "out": str(tmp_path / "ddp"), "grad_accum": 2}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    run = subprocess.run(
-        [*torchrun, "--nproc_per_node", "2", str(launcher), json.dumps(ddp_config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
-    ddp, single = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
-    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
-    for a, b in zip(ddp, single, strict=True):
+@pytest.fixture(scope="module")
+def accumulated(scale_run: dict, tmp_path_factory) -> Path:
+    """One process with grad_accum 4: what 2 ranks with grad_accum 2 must reproduce."""
+    out = tmp_path_factory.mktemp("scale") / "single"
+    train(TrainConfig(out=str(out), grad_accum=4, **scale_run))
+    return out
+
+
+def assert_same_steps(run: list[dict], reference: list[dict]) -> None:
+    """Same loss and gradient norm at every step. AdamW and clipping would hide a gradient off
+    by a constant factor; the logged norm (before clipping) does not."""
+    assert [r["step"] for r in run] == [1, 2, 3, 4]
+    for a, b in zip(run, reference, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
+
+def test_ddp_equals_gradient_accumulation(scale_run, accumulated, tiny_llama_dir, tmp_path) -> None:
+    """`torchrun --nproc_per_node 2` with grad_accum 2 ends at the parameters of one process with
+    grad_accum 4, and logs the same loss and gradient norm at every step: each optimizer step
+    sees the same four micro-batches, averaged the same way (DDP averages the ranks' gradients,
+    each rank divides by its own accumulation)."""
+    train(TrainConfig(out=str(tmp_path / "half"), grad_accum=2, **scale_run))
+    ddp_config = {**scale_run, "out": str(tmp_path / "ddp"), "grad_accum": 2}
+    assert "FSDP" not in torchrun(tmp_path, LAUNCH, json.dumps(ddp_config))
+
+    assert_same_steps(metrics(tmp_path / "ddp"), metrics(accumulated))
     start = load_file(tiny_llama_dir / "model.safetensors")
-    final = student_weights(tmp_path / "single")
+    final = student_weights(accumulated)
     assert max_difference(final, start) > 1e-2, "training must move the parameters"
-    assert max_difference(student_weights(tmp_path / "ddp"), final) < 1e-5
+    assert max_difference(student_weights(tmp_path / "ddp"), final) < SAME
     # Control: one process with half the accumulation sees half the data and ends elsewhere.
     assert max_difference(student_weights(tmp_path / "half"), final) > 1e-2
+
+
+def test_fsdp_equals_gradient_accumulation_and_resumes(
+    scale_run, accumulated, tiny_llama_dir, tmp_path
+) -> None:
+    """`--fsdp` on 2 ranks (each decoder layer and the root sharded, gloo on CPU) matches one
+    process with twice the accumulation step for step, so the loss inside forward saw the whole
+    lm_head and the sharded gradient norm is the global one. Its checkpoint at step 2 (full
+    tensors gathered from the shards) resumes on 2 FSDP ranks to the same end, and the saved
+    student is an ordinary full model that `from_pretrained` loads."""
+    from transformers import AutoModelForCausalLM
+
+    fsdp_config = {
+        **scale_run,
+        "out": str(tmp_path / "fsdp"),
+        "grad_accum": 2,
+        "fsdp": True,
+        "checkpoint_every": 2,
+    }
+    crashed = tmp_path / "crashed"
+    log = torchrun(
+        tmp_path, LAUNCH_KEEPING_A_CHECKPOINT, json.dumps(fsdp_config), "2", str(crashed)
+    )
+    assert "FSDP over 2 ranks in 3 units" in log  # the tiny student's 2 layers and the root
+    resumed_config = {**fsdp_config, "out": str(crashed), "resume": True}
+    log = torchrun(tmp_path, LAUNCH, json.dumps(resumed_config))
+    assert "FSDP over 2 ranks in 3 units" in log and "resumed from step 2" in log
+
+    reference = metrics(accumulated)
+    assert_same_steps(metrics(tmp_path / "fsdp"), reference)
+    assert_same_steps(metrics(crashed), reference)
+    final = student_weights(accumulated)
+    start = load_file(tiny_llama_dir / "model.safetensors")
+    assert max_difference(final, start) > 1e-2, "training must move the parameters"
+    assert max_difference(student_weights(tmp_path / "fsdp"), final) < SAME
+    assert max_difference(student_weights(crashed), final) < SAME
+    # The checkpoint is full tensors, not one rank's shards.
+    checkpoint = torch.load(tmp_path / "fsdp" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["model"]["model.lm_head.weight"].shape == final["lm_head.weight"].shape
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "student")
+    assert max_difference(dict(loaded.state_dict()), final) < SAME
 
 
 def test_fewer_shards_than_ranks_is_refused(built_cache, tiny_llama_dir, tmp_path, monkeypatch):
