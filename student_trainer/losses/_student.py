@@ -67,17 +67,52 @@ class DenseStudent(StudentLogits):
 
     def lse(self) -> Tensor:
         if self._lse is None:
-            self._lse = torch.logsumexp(_wide(self._logits), dim=-1)
+            self._lse = _LogSumExp.apply(_wide(self._logits))
         return self._lse
 
     def gather(self, ids: Tensor) -> Tensor:
         return _wide(self._logits.gather(-1, ids))
+
+    def logprobs_at(self, ids: Tensor) -> Tensor:
+        return _LogProbsAt.apply(_wide(self._logits), ids)
 
     def full(self) -> Tensor:
         return _wide(self._logits)
 
     def scaled(self, temperature: float) -> StudentLogits:
         return self if temperature == 1.0 else DenseStudent(_wide(self._logits) / temperature)
+
+
+class _LogSumExp(torch.autograd.Function):
+    """logsumexp over the last dim whose backward is one fused softmax, not sub, exp and mul
+    passes over the [N, V] logits (the pass count is what a step pays for on a large vocabulary)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        return torch.logsumexp(z, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return torch.softmax(z, dim=-1).mul_(grad.unsqueeze(-1))
+
+
+class _LogProbsAt(torch.autograd.Function):
+    """log_softmax(z) at `ids` with a backward that writes one [N, V] gradient in place: the
+    softmax scaled by -sum(g), plus g scattered at `ids` (autograd would add a zero-filled
+    scatter to a separate softmax gradient: two more passes and allocations)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, ids: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, ids)
+        return z.gather(-1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        z, ids = ctx.saved_tensors
+        out = torch.softmax(z, dim=-1).mul_(-grad.sum(-1, keepdim=True))
+        return out.scatter_add_(-1, ids, grad), None
 
 
 class _ChunkedLSE(torch.autograd.Function):

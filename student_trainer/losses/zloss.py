@@ -35,8 +35,7 @@ def z_loss(
 
 def cross_entropy(student: StudentLogits, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy lse(s) - s_y for `labels` (N,) int64."""
-    target = student.gather(labels.unsqueeze(-1)).squeeze(-1)  # (N,)
-    return (student.lse() - target).mean()
+    return -student.logprobs_at(labels.unsqueeze(-1)).squeeze(-1).mean()
 
 
 def ce(

@@ -98,3 +98,18 @@ def test_row_block_size() -> None:
     assert row_block_size(128256) == 130
     assert row_block_size(10**9) == 1
     assert row_block_size(100, budget=1000) == 10
+
+
+def test_dense_logprobs_and_lse_backward_match_autograd_with_repeated_ids() -> None:
+    """DenseStudent's fused backwards (one softmax, scatter in place) against plain autograd;
+    ids repeat, as sample padding does."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (6, 4), generator=g)
+    ids[:, 3] = ids[:, 0]
+    torch.autograd.gradcheck(lambda z: DenseStudent(z).logprobs_at(ids), (z,))
+    torch.autograd.gradcheck(lambda z: DenseStudent(z).lse(), (z,))
+    weights = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    fused = torch.autograd.grad((DenseStudent(z).logprobs_at(ids) * weights).sum(), z)[0]
+    plain = torch.autograd.grad((torch.log_softmax(z, -1).gather(-1, ids) * weights).sum(), z)[0]
+    torch.testing.assert_close(fused, plain)
