@@ -682,8 +682,8 @@ def markdown(report: dict[str, Any]) -> str:
         "micro-batches in the same order.",
         "- Not run as a method: "
         + "; ".join(f"{n} ({why})" for n, why in report["settings"]["not_run"].items())
-        + ". Losses run with their registered defaults only (dkd and nkd without the CE term "
-        "their papers add; dual-head scored on its main head).",
+        + ". Losses run with their registered defaults only (dkd, nkd and gld include the CE "
+        "term their papers add, dual-head its own; dual-head is scored on its main head).",
     ]
     return "\n".join(lines + reading) + "\n"
 

@@ -9,38 +9,19 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cache_builder import BuildConfig, build
+from cache_builder import build
 from kdcache.cli import main
 from schemas import open_cache
 from schemas.validate import validate_cache
 from student_trainer import LOSSES, TrainConfig, train
+from tests.fixtures.caches import pydoc_jsonl, small_build_config
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import pydoc_data.topics as topics
-
-    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    with path.open("w") as f:
-        for _, text in sorted(topics.topics.items())[:24]:
-            f.write(json.dumps({"text": text[:900]}) + "\n")
-    return path
-
-
-def small_build(teacher: Path, data: Path, out: Path, **overrides) -> BuildConfig:
-    settings = dict(
-        out=str(out),
-        teacher=str(teacher),
-        dataset=str(data),
-        max_length=96,
-        top_k=8,
-        shard_tokens=1024,
-        batch_tokens=384,
-        progress=False,
-    )
-    return BuildConfig(**{**settings, **overrides})
+    return pydoc_jsonl(tmp_path_factory.mktemp("data") / "docs.jsonl", 24, 900)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +29,7 @@ def sampled_cache(
     tiny_llama_dir: Path, data_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
     out = tmp_path_factory.mktemp("cache") / "c"
-    build(small_build(tiny_llama_dir, data_file, out, samples=6, temperatures=(2.0,)))
+    build(small_build_config(tiny_llama_dir, data_file, out, samples=6, temperatures=(2.0,)))
     return str(out)
 
 
@@ -56,12 +37,12 @@ def sampled_cache(
 def test_build_is_valid_deterministic_and_resumable(
     tiny_llama_dir, data_file, tmp_path, fmt
 ) -> None:
-    cfg = small_build(tiny_llama_dir, data_file, tmp_path / "a", format=fmt)
+    cfg = small_build_config(tiny_llama_dir, data_file, tmp_path / "a", format=fmt)
     first = build(cfg)
     assert first.shards > 1 and first.tokens > 0 and not first.already_complete
     assert validate_cache(cfg.out, deep=True) == []
     assert build(cfg).already_complete
-    again = build(small_build(tiny_llama_dir, data_file, tmp_path / "b", format=fmt))
+    again = build(small_build_config(tiny_llama_dir, data_file, tmp_path / "b", format=fmt))
     a, b = open_cache(cfg.out).manifest, open_cache(str(tmp_path / "b")).manifest
     assert [s.checksum for s in a.shards] == [s.checksum for s in b.shards], (
         "CPU builds must be byte-identical"
@@ -70,7 +51,7 @@ def test_build_is_valid_deterministic_and_resumable(
 
 
 def test_other_settings_are_refused_unless_overwrite(tiny_llama_dir, data_file, tmp_path) -> None:
-    build(small_build(tiny_llama_dir, data_file, tmp_path / "c"))
+    build(small_build_config(tiny_llama_dir, data_file, tmp_path / "c"))
     runner = CliRunner()
     args = [
         "build",
@@ -242,7 +223,7 @@ def test_resume_reproduces_the_uninterrupted_curve(
 
 
 def test_rskd_needs_samples_and_tokenizers_must_match(tiny_llama_dir, data_file, tmp_path) -> None:
-    build(small_build(tiny_llama_dir, data_file, tmp_path / "plain"))
+    build(small_build_config(tiny_llama_dir, data_file, tmp_path / "plain"))
     runner = CliRunner()
     base = [
         "train",
@@ -285,7 +266,7 @@ def test_rskd_needs_samples_and_tokenizers_must_match(tiny_llama_dir, data_file,
 
 
 def test_corrupt_shard_mid_training(tiny_llama_dir, data_file, tmp_path) -> None:
-    build(small_build(tiny_llama_dir, data_file, tmp_path / "c", format="arrow"))
+    build(small_build_config(tiny_llama_dir, data_file, tmp_path / "c", format="arrow"))
     cache = open_cache(str(tmp_path / "c"))
     victim = tmp_path / "c" / cache.shards[1].name
     data = bytearray(victim.read_bytes())
@@ -323,9 +304,11 @@ def test_python_api_reads_a_cache_without_torch(sampled_cache) -> None:
 
 
 def test_max_documents_limits_the_build(tiny_llama_dir, data_file, tmp_path) -> None:
-    small = build(small_build(tiny_llama_dir, data_file, tmp_path / "few", max_documents=3))
+    small = build(small_build_config(tiny_llama_dir, data_file, tmp_path / "few", max_documents=3))
     assert open_cache(str(tmp_path / "few")).manifest.dataset.num_documents == 3
-    assert small.tokens < build(small_build(tiny_llama_dir, data_file, tmp_path / "all")).tokens
+    assert (
+        small.tokens < build(small_build_config(tiny_llama_dir, data_file, tmp_path / "all")).tokens
+    )
 
 
 def test_student_vocabulary_may_extend_the_teachers_only_when_allowed(

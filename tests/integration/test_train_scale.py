@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cache_builder import BuildConfig, build
+from cache_builder import build
 from schemas.cache import TOKENIZER_DIR, CacheWriter, open_cache
 from schemas.errors import IncompatibleCacheError
 from student_trainer import TrainConfig, train
+from tests.fixtures.caches import pydoc_jsonl, small_build_config
 
 pytestmark = pytest.mark.integration
 
@@ -32,23 +33,11 @@ SEQ = 32
 @pytest.fixture(scope="module")
 def built_cache(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A cache of the tiny teacher over long documents: most sequences are full SEQ-token windows."""
-    import pydoc_data.topics as topics
-
-    data = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    with data.open("w") as f:
-        for _, text in sorted(topics.topics.items())[:6]:
-            f.write(json.dumps({"text": text[:1500]}) + "\n")
+    data = pydoc_jsonl(tmp_path_factory.mktemp("data") / "docs.jsonl", 6, 1500)
     out = tmp_path_factory.mktemp("cache") / "c"
     build(
-        BuildConfig(
-            out=str(out),
-            teacher=str(tiny_llama_dir),
-            dataset=str(data),
-            max_length=SEQ,
-            top_k=8,
-            shard_tokens=512,
-            batch_tokens=256,
-            progress=False,
+        small_build_config(
+            tiny_llama_dir, data, out, max_length=SEQ, shard_tokens=512, batch_tokens=256
         )
     )
     return str(out)

@@ -7,29 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.caches import pydoc_jsonl, small_build_config
+
 
 @pytest.fixture(scope="session")
 def small_cache(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny teacher over a few pydoc pages: ~1.5k tokens in 48-token sequences, k=8."""
-    import pydoc_data.topics as topics
+    from cache_builder import build
 
-    from cache_builder import BuildConfig, build
-
-    data = tmp_path_factory.mktemp("trainer-data") / "docs.jsonl"
-    with data.open("w") as f:
-        for _, text in sorted(topics.topics.items())[:8]:
-            f.write(json.dumps({"text": text[:800]}) + "\n")
+    data = pydoc_jsonl(tmp_path_factory.mktemp("trainer-data") / "docs.jsonl", 8, 800)
     out = tmp_path_factory.mktemp("trainer-cache") / "c"
     build(
-        BuildConfig(
-            out=str(out),
-            teacher=str(tiny_llama_dir),
-            dataset=str(data),
-            max_length=48,
-            top_k=8,
-            shard_tokens=512,
-            batch_tokens=192,
-            progress=False,
+        small_build_config(
+            tiny_llama_dir, data, out, max_length=48, shard_tokens=512, batch_tokens=192
         )
     )
     return str(out)
