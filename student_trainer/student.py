@@ -144,10 +144,10 @@ class HiddenAndHead(nn.Module):
         aux = None if self.aux is None else self.aux.weight
         if objective is None:
             return h, head.weight, head.bias, aux
-        # The loss runs outside bf16 autocast, as it did when it ran after forward: the chunked
-        # lm_head products and their log-sum-exp stay in the master weights' precision, and the
-        # chunked lse's backward (which recomputes its logits without autocast) sees the same
-        # logits as its forward. The body may hand back bf16 states; they meet fp32 weights.
+        # The objective starts outside bf16 autocast: the vocabulary-chunked student's backward
+        # recomputes its logits without autocast, so its forward must not use it either. The
+        # row-block path (per-token losses) turns autocast back on for its lm_head products,
+        # whose gradients it takes in the same forward. The body may hand back bf16 states.
         with torch.autocast(h.device.type, enabled=False):
             h = h.to(torch.promote_types(h.dtype, head.weight.dtype))
             return objective(h, head.weight, head.bias, aux)

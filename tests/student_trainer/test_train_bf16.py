@@ -1,5 +1,6 @@
-"""`train()` with bf16 autocast on CPU: the student's body runs in bf16, while the master weights,
-the optimizer and the loss (the chunked lm_head products and their log-sum-exp) stay float32."""
+"""`train()` with bf16 autocast (on CPU; on CUDA where there is one): the student's body runs in
+bf16, while the master weights, the optimizer and the loss (the student's log-sum-exp and its
+logits at the cached ids) stay float32."""
 
 from __future__ import annotations
 
@@ -19,9 +20,16 @@ pytestmark = pytest.mark.integration
 train_module = importlib.import_module("student_trainer.train")  # the module, not the function
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize(("loss", "measure"), [("fkl", "eval_kl_topk"), ("ce", "eval_ce")])
 def test_bf16_autocast_learns_with_fp32_weights_and_loss(
-    small_cache: str, fresh_student: str, tmp_path: Path, monkeypatch, loss: str, measure: str
+    small_cache: str,
+    fresh_student: str,
+    tmp_path: Path,
+    monkeypatch,
+    loss: str,
+    measure: str,
+    device: str,
 ) -> None:
     seen: dict[str, set[torch.dtype]] = {
         "body": set(),
@@ -62,7 +70,7 @@ def test_bf16_autocast_learns_with_fp32_weights_and_loss(
             student_config=fresh_student,
             loss=loss,
             bf16=True,
-            device="cpu",
+            device=device,
             max_steps=12,
             lr=1e-2,
             warmup_steps=1,
