@@ -4,16 +4,15 @@
 in chunks of `vocab_chunk` columns for blocks of `row_chunk` rows: each chunk's logits stay in
 the model's dtype, so the [N, V] logits never exist, nor any float32 copy of them on CUDA.
 
-Per chunk, one pass computes the max and the log-sum-exp (at T = 1 and at each extra
-temperature) of every block of b columns. The top-k can only lie in the k blocks with the
-largest maxima, so the exact top-k is taken over those k * b logits instead of the whole row:
-torch.topk over [16384, 128256] costs ~10x a read of the logits on an H100, and this turns it
-into two small top-k's (over V / b maxima and k * b candidates). The tail mass is the
-log-sum-exp of the blocks not picked plus the candidates not kept, a sum of what is in the tail
-and never `1 - sum(top-k)`, which cancels when the tail is tiny. Running merges across chunks
-keep the top-k, the lse, the tail, the logit of the true next token, and `num_samples`
-independent draws from softmax(logits / sample_temperature), each kept as a one-item weighted
-reservoir that moves to a new chunk with that chunk's share of the mass.
+Per chunk, `block_topk.chunk_top` computes the max and the log-sum-exp (at T = 1 and at each
+extra temperature) of every block of b columns in one pass; the top-k can only lie in the k
+blocks with the largest maxima, so the exact top-k is taken over those k * b logits instead of
+the whole row (torch.topk over [16384, 128256] costs ~10x a read of the logits on an H100). The
+tail mass is the log-sum-exp of the blocks not picked plus the candidates not kept, a sum of
+what is in the tail and never `1 - sum(top-k)`, which cancels when the tail is tiny. Running
+merges across chunks keep the top-k, the lse, the tail, the logit of the true next token, and
+`num_samples` independent draws from softmax(logits / sample_temperature), each kept as a
+one-item weighted reservoir that moves to a new chunk with that chunk's share of the mass.
 
 Top-k ties are broken by the lower token id: torch.topk picks among equal logits arbitrarily
 (on the CPU it differs from run to run of the same input), and a cache must not depend on that.
@@ -27,7 +26,6 @@ NaN or inf into an error naming the batch.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -35,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cache_builder.block_topk import chunk_top
 from schemas.errors import KdcacheError
 
 __all__ = [
@@ -47,9 +46,6 @@ __all__ = [
 
 ChunkFn = Callable[[int, int, int, int], Tensor]
 """(row_start, row_end, vocab_start, vocab_end) -> logits (rows, vocab) in any float dtype."""
-
-FUSE_ON_CUDA = True
-"""Compile the per-block pass with torch.compile on CUDA (one read of each logit chunk)."""
 
 
 class NonFiniteError(KdcacheError, ValueError):
@@ -313,7 +309,7 @@ def _stream_rows(
         at = (labels - s).clamp(0, c - 1).unsqueeze(1)
         label_logit = torch.where(inside, z.gather(1, at).squeeze(1).float(), label_logit)
 
-        cv, ci, chunk_lse, chunk_tail, chunk_extra = _chunk_top(
+        cv, ci, chunk_lse, chunk_tail, chunk_extra = chunk_top(
             z, kc, extra, block, scratch=scratch and not n
         )
         lse = torch.logaddexp(lse, chunk_lse)
@@ -348,126 +344,6 @@ def _stream_rows(
         out.sample_ids, out.sample_counts, logit = _unique_counts(sample_ids, sample_logit)
         out.sample_logprobs = logit - lse_col
     return out
-
-
-def block_size(width: int, k: int) -> int:
-    """The block width that makes the two selection steps of `_chunk_top` about equal in size.
-
-    Picking k of `width / b` block maxima, then k of the `k * b` logits in the chosen blocks,
-    costs about `width / b + k * b`, least at b = sqrt(width / k); a power of two below it.
-    """
-    ratio = width / max(k, 1)
-    return 1 << max(0, int(math.log2(ratio) / 2)) if ratio >= 4 else 1
-
-
-def _chunk_top(
-    z: Tensor, k: int, temperatures: tuple[float, ...], block: int | None, *, scratch: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Exact top-k of z (r, c), plus its lse, the lse outside the top-k and the lse at each T.
-
-    The k-th largest logit of a row lies in one of the k blocks with the largest maxima (each
-    of k blocks ranked above its block holds an element ranked above it), so a pass computes
-    each block's max and log-sum-exp, k blocks are picked by their maxima (ties: lower block),
-    and only the k * b logits in them are gathered and ranked. Returns the top-k values (r, k)
-    float32 descending with ties by lower id, their local ids (r, k), the lse (r,), the lse of
-    everything but the top-k (r,), and the lse of z / T (r, m) for each T in `temperatures`.
-    With `scratch`, z is a fresh chunk that may be overwritten (saves a copy on the CPU).
-    """
-    c = z.shape[1]
-    b = min(block or block_size(c, k), c)
-    parts = _blocks(z, b)
-    if _fuse(z):  # one compiled kernel reads each logit once for both
-        stats = [_fused()(p, temperatures) for p, _ in parts]
-        maxima, block_lse = (torch.cat(x, 1) for x in zip(*stats, strict=True))
-    else:
-        maxima, block_lse = torch.cat([p.amax(dim=2).float() for p, _ in parts], 1), None
-    chosen = _top_positions(maxima, min(k, maxima.shape[1]), ranked=False).sort(dim=1).values
-    ids = (chosen.unsqueeze(2) * b + torch.arange(b, device=z.device)).flatten(1)  # ascending
-    cand = z.gather(1, ids.clamp(max=c - 1)).float().masked_fill_(ids >= c, -torch.inf)
-    if block_lse is None:  # after the gather, as it may overwrite z
-        block_lse = torch.cat(
-            [
-                _block_lse(p, m, temperatures, in_place=scratch or fresh)
-                for (p, fresh), m in zip(
-                    parts, maxima.split([p.shape[1] for p, _ in parts], 1), strict=True
-                )
-            ],
-            1,
-        )
-    pos = _top_positions(cand, k, ranked=True)
-    values, top_ids = cand.gather(1, pos), ids.gather(1, pos)
-    all_lse = block_lse.logsumexp(dim=1)  # (r, 1 + m)
-    rest = torch.logaddexp(
-        block_lse[..., 0].scatter(1, chosen, -torch.inf).logsumexp(dim=1),
-        cand.scatter_(1, pos, -torch.inf).logsumexp(dim=1),
-    )
-    return values, top_ids, all_lse[:, 0], rest, all_lse[:, 1:]
-
-
-def _top_positions(x: Tensor, k: int, *, ranked: bool) -> Tensor:
-    """Positions (r, k) of the k largest entries per row of x (r, w); ties go to lower positions.
-
-    torch.topk finds the k-th value; the set is then every entry above it plus the lowest
-    positions equal to it, found by a second top-k over integer keys, so no row needs a sync.
-    With `ranked`, positions come ordered by value descending, then position ascending.
-    """
-    w = x.shape[1]
-    kth = x.topk(k, dim=1).values[:, -1:]
-    pos = torch.arange(w, device=x.device, dtype=torch.int32)
-    key = torch.where(x > kth, pos - w, torch.where(x == kth, pos, w))
-    first = key.topk(k, dim=1, largest=False).values  # above the k-th first, then ties
-    # NaN compares false everywhere and may leave keys of w: clamp keeps the gather in range,
-    # and check_finite reports the row through its lse.
-    chosen = torch.where(first < 0, first + w, first).clamp_(max=w - 1).long()
-    if not ranked:
-        return chosen
-    order = x.gather(1, chosen).sort(dim=1, descending=True, stable=True).indices
-    return chosen.gather(1, order)
-
-
-def _blocks(z: Tensor, b: int) -> list[tuple[Tensor, bool]]:
-    """z (r, c) as blocks (r, nb, b): a view of the whole blocks, then the rest padded with -inf
-    (a fresh copy: the bool says so)."""
-    r, c = z.shape
-    whole = c - c % b
-    parts = [(z[:, :whole].view(r, whole // b, b), False)] if whole else []
-    if whole < c:
-        rest = F.pad(z[:, whole:].float(), (0, b - (c - whole)), value=-torch.inf)
-        parts.append((rest.view(r, 1, b), True))
-    return parts
-
-
-def _block_lse(
-    blocks: Tensor, maxima: Tensor, temperatures: tuple[float, ...], *, in_place: bool
-) -> Tensor:
-    """Log-sum-exp (r, nb, 1 + m) of blocks (r, nb, b) with maxima (r, nb), at T = 1 and each T.
-
-    Each block is shifted by its own max, so a tail block far below the row's max keeps its
-    digits (a shift by the row max would underflow after ~87 nats). Accumulates in float32.
-    `in_place`: blocks may be overwritten (a float32 copy of other dtypes always may be).
-    """
-    shift = torch.where(torch.isfinite(maxima), maxima, 0.0).unsqueeze(2)  # all -inf: no NaN
-    x = blocks.float()
-    mine = in_place or blocks.dtype != torch.float32
-    d = x.sub_(shift) if mine and not temperatures else x - shift
-    lse = [((d / t).exp_().sum(dim=2).log_() + shift[..., 0] / t) for t in temperatures]
-    return torch.stack([d.exp_().sum(dim=2).log_() + shift[..., 0], *lse], dim=2)
-
-
-def _stats(blocks: Tensor, temperatures: tuple[float, ...]) -> tuple[Tensor, Tensor]:
-    """Max (r, nb) and log-sum-exp (r, nb, 1 + m) of blocks (r, nb, b): the pass CUDA compiles."""
-    maxima = blocks.amax(dim=2).float()
-    return maxima, _block_lse(blocks, maxima, temperatures, in_place=False)
-
-
-def _fuse(z: Tensor) -> bool:
-    """Whether the block pass over z runs compiled (CUDA: eager would read z once per op)."""
-    return z.is_cuda and FUSE_ON_CUDA
-
-
-@functools.cache
-def _fused() -> Callable[[Tensor, tuple[float, ...]], tuple[Tensor, Tensor]]:
-    return torch.compile(_stats, dynamic=True)
 
 
 def _rank(v: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from schemas.cache import Cache, open_cache
@@ -36,11 +35,11 @@ from student_trainer.batch import StudentInputs, TeacherBatch, collate
 from student_trainer.config import TrainConfig
 from student_trainer.dataset import ShardStream, batches
 from student_trainer.losses import LOSSES, LossSpec, resolve_options
-from student_trainer.losses._rowblock import row_blocked_loss
-from student_trainer.losses._student import ChunkedStudent, DenseStudent, StudentLogits
+from student_trainer.losses._student import ChunkedStudent
 from student_trainer.losses.kl import fkl_tail
-from student_trainer.losses.zloss import cross_entropy, z_loss
+from student_trainer.losses.zloss import cross_entropy
 from student_trainer.metrics import MetricLog
+from student_trainer.objective import objective_for
 from student_trainer.parallel import (
     clip_grad_norm,
     fsdp_units,
@@ -49,7 +48,7 @@ from student_trainer.parallel import (
     student_weights,
 )
 from student_trainer.parallel import wrap as wrap_for_ranks
-from student_trainer.student import HiddenAndHead, Objective, load_student
+from student_trainer.student import HiddenAndHead, load_student
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -156,7 +155,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             inputs, teacher = next(micro_batches)
             inputs, teacher = inputs.to(device), teacher.to(device)
             stats: dict[str, torch.Tensor] = {}
-            objective = _objective(spec, options, cfg, teacher, stats, bf16)
+            objective = objective_for(spec, options, cfg, teacher, stats, bf16)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = wrapped(inputs.input_ids, inputs.attention_mask, inputs.rows, objective)
             loss = loss / cfg.grad_accum
@@ -257,77 +256,6 @@ def _micro_batches(
             raise IncompatibleCacheError(
                 f"{cache.url} yields no training sequences (all shorter than 2 tokens or skipped)"
             )
-
-
-def _objective(
-    spec: LossSpec,
-    options: dict[str, Any],
-    cfg: TrainConfig,
-    teacher: TeacherBatch,
-    stats: dict[str, torch.Tensor],
-    bf16: bool = False,
-) -> Objective[torch.Tensor]:
-    """The micro-batch's loss as a function of what `HiddenAndHead` computes in its forward.
-
-    Per-token losses run on dense blocks of rows with their gradient taken in the same pass
-    (three lm_head products, as plain CE, and no [N, V] logits); the others go once through the
-    vocabulary-chunked student.
-    """
-
-    def objective(
-        h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, aux: torch.Tensor | None
-    ) -> torch.Tensor:
-        if not spec.per_token:
-            student = ChunkedStudent(h, weight, bias, vocab_chunk=cfg.vocab_chunk)
-            aux_student = None if aux is None else student.with_head(aux)
-            return _loss(spec, options, cfg, student, teacher, aux_student, stats)
-        shares: list[tuple[float, dict[str, torch.Tensor]]] = []
-
-        def block_loss(hb, wb, bb, ab, *, rows: slice) -> torch.Tensor:
-            # bf16 products where the step autocasts; the loss itself widens to float32
-            with torch.autocast(hb.device.type, dtype=torch.bfloat16, enabled=bf16):
-                z = F.linear(hb, wb, bb)
-                za = None if ab is None else F.linear(hb, ab)
-            seen: dict[str, torch.Tensor] = {}
-            part = teacher.select(rows)
-            aux_student = None if za is None else DenseStudent(za)
-            loss = _loss(spec, options, cfg, DenseStudent(z), part, aux_student, seen)
-            shares.append(((rows.stop - rows.start) / h.shape[0], seen))
-            return loss
-
-        rows = max(1, cfg.logit_block // weight.shape[0])
-        loss = row_blocked_loss(block_loss, h, weight, bias, aux, rows_per_block=rows)
-        for key in shares[0][1] if shares else ():
-            stats[key] = sum(share * seen[key].detach() for share, seen in shares)
-        return loss
-
-    return objective
-
-
-def _loss(
-    spec: LossSpec,
-    options: dict[str, Any],
-    cfg: TrainConfig,
-    student: StudentLogits,
-    teacher: TeacherBatch,
-    aux_student: StudentLogits | None,
-    stats: dict[str, torch.Tensor],
-) -> torch.Tensor:
-    kwargs = dict(options)
-    if (
-        cfg.temperature is not None
-        and "temperature" in spec.options
-        and "temperature" not in options
-    ):
-        kwargs["temperature"] = cfg.temperature
-    if spec.aux_head:
-        kwargs["aux_student"] = aux_student
-    loss = spec.fn(student, teacher, **kwargs, stats=stats)
-    if cfg.ce_weight:
-        loss = loss + cfg.ce_weight * cross_entropy(student, teacher.labels)
-    if cfg.z_loss:
-        loss = loss + z_loss(student, teacher, coefficient=cfg.z_loss)
-    return loss
 
 
 @torch.no_grad()

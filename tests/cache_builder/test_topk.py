@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_builder import topk
+from cache_builder import block_topk
+from cache_builder.block_topk import block_size
 from cache_builder.topk import (
     NonFiniteError,
     TeacherSignals,
-    block_size,
     check_finite,
     teacher_signals,
     teacher_signals_from_logits,
@@ -389,7 +389,7 @@ def test_compiled_block_pass_matches_eager(monkeypatch):
     labels = torch.randint(-1, 1500, (33,), generator=g)
     options = dict(k=12, temperatures=(0.5, 2.0), vocab_chunk=700)
     eager = teacher_signals_from_logits(z, labels, **options)
-    monkeypatch.setattr(topk, "_fuse", lambda z: True)
+    monkeypatch.setattr(block_topk, "_fuse", lambda z: True)
     fused = teacher_signals_from_logits(z, labels, **options)
     assert torch.equal(fused.topk_ids, eager.topk_ids)
     for name in ("topk_logprobs", "lse", "log_tail", "temp_lse", "label_logprob"):

@@ -18,6 +18,7 @@ from student_trainer import TrainConfig, train
 pytestmark = pytest.mark.integration
 
 train_module = importlib.import_module("student_trainer.train")  # the module, not the function
+objective_module = importlib.import_module("student_trainer.objective")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -50,7 +51,7 @@ def test_bf16_autocast_learns_with_fp32_weights_and_loss(
         )
         return model, tokenizer, what
 
-    real_loss = train_module._loss
+    real_loss = objective_module.loss_of
 
     def loss_and_watch(spec, options, cfg, student, teacher, aux, stats):
         value = real_loss(spec, options, cfg, student, teacher, aux, stats)
@@ -61,7 +62,7 @@ def test_bf16_autocast_learns_with_fp32_weights_and_loss(
         return value
 
     monkeypatch.setattr(train_module, "load_student", load_and_watch)
-    monkeypatch.setattr(train_module, "_loss", loss_and_watch)
+    monkeypatch.setattr(objective_module, "loss_of", loss_and_watch)
     out = tmp_path / loss
     result = train(
         TrainConfig(
