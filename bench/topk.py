@@ -76,7 +76,7 @@ def run(quick: bool = False, device: str = "cpu", reps: int | None = None) -> di
     time_it = _timer(device)
 
     def kdcache() -> Any:
-        return topk.teacher_signals_from_logits(z, labels, k=K)
+        return topk.teacher_signals_from_logits(z, labels, topk.SignalOptions(k=K))
 
     cases: dict[str, Callable[[], Any]] = {
         "read once (amax)": lambda: z.amax(dim=1),

@@ -30,7 +30,7 @@ from cache_builder.pipeline import WriterThread, records_from, to_host
 from cache_builder.plan import BuildPlan, ShardPlan, make_plan, segments_of
 from cache_builder.teacher import Teacher, load_teacher
 from cache_builder.tokenizer import load_tokenizer, tokenizer_info
-from cache_builder.topk import TeacherSignals
+from cache_builder.topk import SignalOptions, TeacherSignals
 from schemas.cache import COMMITS, TOKENIZER_DIR, CacheWriter
 from schemas.encodings import TopkEncoding, default_encoding
 from schemas.errors import KdcacheError
@@ -237,16 +237,14 @@ def _forward(
     index = torch.from_numpy(flat).to(dev, non_blocking=True)  # (N,)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, d)
     labels = torch.from_numpy(batch.labels.reshape(-1)[flat]).to(dev, non_blocking=True)  # (N,)
-    return teacher.signals(
-        h,
-        labels,
+    options = SignalOptions(
         k=cfg.top_k,
         temperatures=cfg.temperatures,
         num_samples=cfg.samples,
         sample_temperature=cfg.sample_temperature,
-        generator=generator,
         vocab_chunk=cfg.vocab_chunk,
     )
+    return teacher.signals(h, labels, options, generator=generator)
 
 
 def _plan(stream: Iterator[Segment], cfg: BuildConfig, label: str) -> tuple[BuildPlan, dict]:

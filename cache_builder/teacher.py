@@ -28,7 +28,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cache_builder.topk import TeacherSignals, teacher_signals, teacher_signals_from_logits
+from cache_builder.topk import (
+    SignalOptions,
+    TeacherSignals,
+    teacher_signals,
+    teacher_signals_from_logits,
+)
 from schemas.errors import KdcacheError
 
 __all__ = ["Teacher", "TeacherError", "TeacherInfo", "load_teacher", "packed_position_ids"]
@@ -167,35 +172,31 @@ class Teacher:
         self,
         hidden: Tensor,
         labels: Tensor,
+        options: SignalOptions,
         *,
-        k: int,
-        temperatures: Sequence[float] = (),
-        num_samples: int = 0,
-        sample_temperature: float = 1.0,
         generator: torch.Generator | None = None,
-        vocab_chunk: int = 131072,
-        row_chunk: int = 2048,
     ) -> TeacherSignals:
         """Teacher signals at N positions from hidden states (N, d); labels (N,), -1 for none."""
-        options = dict(
-            k=k,
-            temperatures=temperatures,
-            num_samples=num_samples,
-            sample_temperature=sample_temperature,
-            generator=generator,
-            vocab_chunk=vocab_chunk,
-            row_chunk=row_chunk,
-        )
         if self.plain_head:
             weight, bias = self.lm_head()
             return teacher_signals(
-                hidden, weight, bias, labels, logit_transform=self.logit_transform, **options
+                hidden,
+                weight,
+                bias,
+                labels,
+                options,
+                generator=generator,
+                logit_transform=self.logit_transform,
             )
+        step = options.row_chunk
         parts = [
             teacher_signals_from_logits(
-                self.logits(hidden[r0 : r0 + row_chunk]), labels[r0 : r0 + row_chunk], **options
+                self.logits(hidden[r0 : r0 + step]),
+                labels[r0 : r0 + step],
+                options,
+                generator=generator,
             )
-            for r0 in range(0, hidden.shape[0], row_chunk)
+            for r0 in range(0, hidden.shape[0], step)
         ]
         return TeacherSignals.cat(parts)
 

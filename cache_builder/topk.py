@@ -38,6 +38,7 @@ from schemas.errors import KdcacheError
 
 __all__ = [
     "NonFiniteError",
+    "SignalOptions",
     "TeacherSignals",
     "check_finite",
     "teacher_signals",
@@ -46,6 +47,45 @@ __all__ = [
 
 ChunkFn = Callable[[int, int, int, int], Tensor]
 """(row_start, row_end, vocab_start, vocab_end) -> logits (rows, vocab) in any float dtype."""
+
+
+@dataclass(frozen=True)
+class SignalOptions:
+    """What to keep of the teacher's distribution, and how to walk its logits.
+
+    For a fixed seed the samples also depend on `vocab_chunk` and `row_chunk`, so keep those
+    fixed for a reproducible cache.
+    """
+
+    k: int
+    """How many top ids (and their log-probs) to keep per position."""
+    temperatures: tuple[float, ...] = ()
+    """Extra temperatures T whose lse of logits / T is kept."""
+    num_samples: int = 0
+    """Ids drawn per position from softmax(logits / sample_temperature)."""
+    sample_temperature: float = 1.0
+    vocab_chunk: int = 131072
+    """Vocabulary columns per step (131072 covers a Llama-3 vocabulary in one)."""
+    row_chunk: int = 2048
+    """Positions per step: one step holds row_chunk x vocab_chunk logits."""
+    block: int | None = None
+    """Block width of the top-k preselection; None: `block_topk.block_size`."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperatures", tuple(self.temperatures))
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if any(not t > 0 for t in self.temperatures) or not self.sample_temperature > 0:
+            raise ValueError(
+                f"temperatures must be > 0, got {self.temperatures}, {self.sample_temperature}"
+            )
+        if (
+            self.num_samples < 0
+            or self.vocab_chunk < 1
+            or self.row_chunk < 1
+            or (self.block is not None and self.block < 1)
+        ):
+            raise ValueError("num_samples must be >= 0 and vocab_chunk, row_chunk, block >= 1")
 
 
 class NonFiniteError(KdcacheError, ValueError):
@@ -131,25 +171,17 @@ def teacher_signals(
     weight: Tensor,
     bias: Tensor | None,
     labels: Tensor,
+    options: SignalOptions,
     *,
-    k: int,
-    temperatures: Sequence[float] = (),
-    num_samples: int = 0,
-    sample_temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    vocab_chunk: int = 131072,
-    row_chunk: int = 2048,
-    block: int | None = None,
     logit_transform: Callable[[Tensor], Tensor] | None = None,
 ) -> TeacherSignals:
     """Teacher signals at N positions from hidden states (N, d) and an lm_head (V, d) [+ (V,)].
 
     Logits are `hidden @ weight.T + bias` in the model's dtype, one (row_chunk, vocab_chunk)
     block at a time; `logit_transform` (an elementwise map such as logit softcapping), if
-    given, is applied to a float32 copy of the block. `block` overrides `block_size`.
-    `labels` (N,) int64 holds the next token, -1 for none.
-    Samples come from `generator` (on the same device); for a fixed seed they also depend on
-    `vocab_chunk` and `row_chunk`, so keep those fixed for a reproducible cache.
+    given, is applied to a float32 copy of the block. `labels` (N,) int64 holds the next
+    token, -1 for none. Samples come from `generator` (on the same device).
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -164,35 +196,15 @@ def teacher_signals(
         z = F.linear(hidden[r0:r1], weight[s:e], b)  # (r, c) in the model's dtype
         return z if logit_transform is None else logit_transform(z.float())
 
-    return _stream(
-        chunk,
-        hidden.shape[0],
-        weight.shape[0],
-        labels,
-        k=k,
-        temperatures=temperatures,
-        num_samples=num_samples,
-        sample_temperature=sample_temperature,
-        generator=generator,
-        vocab_chunk=vocab_chunk,
-        row_chunk=row_chunk,
-        block=block,
-        scratch=True,
-    )
+    return _stream(chunk, hidden.shape[0], weight.shape[0], labels, options, generator, True)
 
 
 def teacher_signals_from_logits(
     logits: Tensor,
     labels: Tensor,
+    options: SignalOptions,
     *,
-    k: int,
-    temperatures: Sequence[float] = (),
-    num_samples: int = 0,
-    sample_temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    vocab_chunk: int = 131072,
-    row_chunk: int = 2048,
-    block: int | None = None,
 ) -> TeacherSignals:
     """The same signals from logits (N, V) in any float dtype, which are read, never written.
 
@@ -205,21 +217,7 @@ def teacher_signals_from_logits(
     def chunk(r0: int, r1: int, s: int, e: int) -> Tensor:
         return logits[r0:r1, s:e]
 
-    return _stream(
-        chunk,
-        logits.shape[0],
-        logits.shape[1],
-        labels,
-        k=k,
-        temperatures=temperatures,
-        num_samples=num_samples,
-        sample_temperature=sample_temperature,
-        generator=generator,
-        vocab_chunk=vocab_chunk,
-        row_chunk=row_chunk,
-        block=block,
-        scratch=False,
-    )
+    return _stream(chunk, logits.shape[0], logits.shape[1], labels, options, generator, False)
 
 
 def _stream(
@@ -227,47 +225,30 @@ def _stream(
     num_rows: int,
     vocab_size: int,
     labels: Tensor,
-    *,
-    k: int,
-    temperatures: Sequence[float],
-    num_samples: int,
-    sample_temperature: float,
+    options: SignalOptions,
     generator: torch.Generator | None,
-    vocab_chunk: int,
-    row_chunk: int,
-    block: int | None,
     scratch: bool,
 ) -> TeacherSignals:
     """`chunk` gives logits blocks; `scratch`: each is fresh and may be overwritten."""
-    if not 1 <= k <= vocab_size:
-        raise ValueError(f"k must be in [1, V={vocab_size}], got {k}")
-    if any(not t > 0 for t in temperatures) or not sample_temperature > 0:
-        raise ValueError(
-            f"temperatures must be > 0, got {tuple(temperatures)}, {sample_temperature}"
-        )
-    if num_samples < 0 or vocab_chunk < 1 or row_chunk < 1 or (block is not None and block < 1):
-        raise ValueError("num_samples must be >= 0 and vocab_chunk, row_chunk, block >= 1")
+    if options.k > vocab_size:
+        raise ValueError(f"k must be in [1, V={vocab_size}], got {options.k}")
     if labels.shape != (num_rows,) or labels.dtype != torch.int64:
         raise ValueError(
             f"labels must be ({num_rows},) int64, got {tuple(labels.shape)} {labels.dtype}"
         )
     if num_rows and (int(labels.min()) < -1 or int(labels.max()) >= vocab_size):  # deliberate sync
         raise ValueError(f"labels must be token ids in [0, {vocab_size}) or -1 for no next token")
+    step = options.row_chunk
     parts = [
         _stream_rows(
-            functools.partial(chunk, r0, min(r0 + row_chunk, num_rows)),
-            labels[r0 : r0 + row_chunk],
+            functools.partial(chunk, r0, min(r0 + step, num_rows)),
+            labels[r0 : r0 + step],
             vocab_size,
-            k=k,
-            temperatures=tuple(temperatures),
-            num_samples=num_samples,
-            sample_temperature=sample_temperature,
-            generator=generator,
-            vocab_chunk=vocab_chunk,
-            block=block,
-            scratch=scratch,
+            options,
+            generator,
+            scratch,
         )
-        for r0 in range(0, max(num_rows, 1), row_chunk)
+        for r0 in range(0, max(num_rows, 1), step)
     ]
     return TeacherSignals.cat(parts)
 
@@ -276,18 +257,14 @@ def _stream_rows(
     chunk: Callable[[int, int], Tensor],
     labels: Tensor,
     vocab_size: int,
-    *,
-    k: int,
-    temperatures: tuple[float, ...],
-    num_samples: int,
-    sample_temperature: float,
+    options: SignalOptions,
     generator: torch.Generator | None,
-    vocab_chunk: int,
-    block: int | None,
     scratch: bool,
 ) -> TeacherSignals:
     """One block of r rows: a single walk over the vocabulary."""
-    r, dev, n = labels.shape[0], labels.device, num_samples
+    k, temperatures, vocab_chunk = options.k, options.temperatures, options.vocab_chunk
+    sample_temperature = options.sample_temperature
+    r, dev, n = labels.shape[0], labels.device, options.num_samples
     neg_inf = torch.full((r,), -torch.inf, device=dev)
     top_v = torch.empty((r, 0), device=dev)  # (r, <=k) running top-k, ranked
     top_i = torch.empty((r, 0), dtype=torch.int64, device=dev)
@@ -310,7 +287,7 @@ def _stream_rows(
         label_logit = torch.where(inside, z.gather(1, at).squeeze(1).float(), label_logit)
 
         cv, ci, chunk_lse, chunk_tail, chunk_extra = chunk_top(
-            z, kc, extra, block, scratch=scratch and not n
+            z, kc, extra, options.block, scratch=scratch and not n
         )
         lse = torch.logaddexp(lse, chunk_lse)
         extra_lse = torch.logaddexp(extra_lse, chunk_extra)

@@ -15,7 +15,7 @@ from cache_builder.teacher import (
     load_teacher,
     packed_position_ids,
 )
-from cache_builder.topk import TeacherSignals, teacher_signals_from_logits
+from cache_builder.topk import SignalOptions, TeacherSignals, teacher_signals_from_logits
 from tests.fixtures.models import make_tokenizer, save_tiny_model
 
 DOCS = [5, 9, 3]  # packed into row 0 of length 20 (3 positions of padding); row 1 holds one doc
@@ -60,7 +60,9 @@ def _next_tokens(doc: torch.Tensor) -> torch.Tensor:
 
 
 def _signals(t: Teacher, hidden: torch.Tensor, labels: torch.Tensor) -> TeacherSignals:
-    return t.signals(hidden, labels, k=8, temperatures=(2.0,), vocab_chunk=100, row_chunk=16)
+    return t.signals(
+        hidden, labels, SignalOptions(k=8, temperatures=(2.0,), vocab_chunk=100, row_chunk=16)
+    )
 
 
 def test_loads_from_a_saved_dir(teacher: Teacher, tiny_llama_dir: Path):
@@ -187,10 +189,12 @@ def test_head_paths_agree_with_the_models_own_logits(teacher: Teacher):
     hidden = teacher.hidden_states(doc.unsqueeze(0))[0]  # (12, d)
     own = teacher.model(input_ids=doc.unsqueeze(0), use_cache=False).logits[0]
     chunked = _signals(teacher, hidden, labels)
-    reference = teacher_signals_from_logits(own, labels, k=8, temperatures=(2.0,))
+    reference = teacher_signals_from_logits(own, labels, SignalOptions(k=8, temperatures=(2.0,)))
     teacher.plain_head = False  # force the fallback: the model's own head on row chunks
     try:
-        fallback = teacher.signals(hidden, labels, k=8, temperatures=(2.0,), row_chunk=5)
+        fallback = teacher.signals(
+            hidden, labels, SignalOptions(k=8, temperatures=(2.0,), row_chunk=5)
+        )
     finally:
         teacher.plain_head = True
     for other in (reference, fallback):
@@ -206,8 +210,8 @@ def test_softcapped_logits(tiny_gemma2_dir: Path):
     own = t.model(input_ids=doc.unsqueeze(0), use_cache=False).logits[0]
     assert own.abs().max() < 2.0  # the cap is in force
     hidden = t.hidden_states(doc.unsqueeze(0))[0]
-    s = t.signals(hidden, _next_tokens(doc), k=5, vocab_chunk=64)
-    ref = teacher_signals_from_logits(own, _next_tokens(doc), k=5)
+    s = t.signals(hidden, _next_tokens(doc), SignalOptions(k=5, vocab_chunk=64))
+    ref = teacher_signals_from_logits(own, _next_tokens(doc), SignalOptions(k=5))
     assert torch.equal(s.topk_ids, ref.topk_ids)
     torch.testing.assert_close(s.lse, ref.lse)
     torch.testing.assert_close(s.log_tail, ref.log_tail)

@@ -14,6 +14,7 @@ from cache_builder import block_topk
 from cache_builder.block_topk import block_size
 from cache_builder.topk import (
     NonFiniteError,
+    SignalOptions,
     TeacherSignals,
     check_finite,
     teacher_signals,
@@ -85,7 +86,9 @@ def test_from_logits_matches_torch_topk_and_float64(k, vocab_chunk, row_chunk):
     labels[::5] = -1
     temps = (0.5, 1.0, 2.0)
     s = teacher_signals_from_logits(
-        z, labels, k=k, temperatures=temps, vocab_chunk=vocab_chunk, row_chunk=row_chunk
+        z,
+        labels,
+        SignalOptions(k=k, temperatures=temps, vocab_chunk=vocab_chunk, row_chunk=row_chunk),
     )
     top = torch.topk(z, k)  # continuous values: no ties, so torch.topk is exact here
     assert torch.equal(s.topk_ids, top.indices)
@@ -110,7 +113,9 @@ def test_ties_and_neg_inf_break_by_lower_id(vocab_chunk):
     z = torch.randint(0, 4, (n, v), generator=g).float()  # every row is full of ties
     z[n // 2 :, torch.randperm(v, generator=g)[: v - 5]] = -math.inf  # k > finite: -inf ties
     labels = torch.randint(0, v, (n,), generator=g)
-    s = teacher_signals_from_logits(z, labels, k=k, vocab_chunk=vocab_chunk, row_chunk=20)
+    s = teacher_signals_from_logits(
+        z, labels, SignalOptions(k=k, vocab_chunk=vocab_chunk, row_chunk=20)
+    )
     ref = _reference(z, labels, k)
     top = torch.topk(z, k)
     assert torch.equal(s.topk_ids, ref["ids"])  # ties: lower id first
@@ -123,12 +128,10 @@ def test_ties_and_neg_inf_break_by_lower_id(vocab_chunk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hidden_path_is_bit_identical_to_logits_path(dtype):
     h, w, b, labels = _int_inputs(50, 130, 16, dtype, seed=3)
-    options = dict(k=10, temperatures=(2.0,), num_samples=6, vocab_chunk=32, row_chunk=16)
-    chunked = teacher_signals(
-        h, w, b, labels, generator=torch.Generator().manual_seed(5), **options
-    )
+    options = SignalOptions(k=10, temperatures=(2.0,), num_samples=6, vocab_chunk=32, row_chunk=16)
+    chunked = teacher_signals(h, w, b, labels, options, generator=torch.Generator().manual_seed(5))
     dense = teacher_signals_from_logits(
-        F.linear(h, w, b), labels, generator=torch.Generator().manual_seed(5), **options
+        F.linear(h, w, b), labels, options, generator=torch.Generator().manual_seed(5)
     )
     _same(chunked, dense)
     ref = _reference(F.linear(h, w, b).float(), labels, 10)
@@ -142,7 +145,9 @@ def test_no_bias_and_transform():
     def softcap(z: torch.Tensor) -> torch.Tensor:
         return cap * torch.tanh(z / cap)
 
-    s = teacher_signals(h, w, None, labels, k=4, vocab_chunk=10, logit_transform=softcap)
+    s = teacher_signals(
+        h, w, None, labels, SignalOptions(k=4, vocab_chunk=10), logit_transform=softcap
+    )
     z = softcap(h @ w.T)
     ref = _reference(z, labels, 4)
     assert torch.equal(s.topk_ids, ref["ids"])
@@ -155,7 +160,7 @@ def test_tiny_tail_is_exact():
     z = torch.randn(n, v, generator=g)
     z[:, 3] = torch.linspace(30, 60, n)  # one token holds all but ~e^-30..e^-60 of the mass
     labels = torch.full((n,), 3)
-    s = teacher_signals_from_logits(z, labels, k=1, vocab_chunk=64)
+    s = teacher_signals_from_logits(z, labels, SignalOptions(k=1, vocab_chunk=64))
     ref = _reference(z, labels, 1)
     assert torch.isfinite(s.log_tail).all()  # 1 - p_top is exactly 0 in float32
     torch.testing.assert_close(s.log_tail.double(), ref["log_tail"], rtol=1e-6, atol=1e-5)
@@ -165,7 +170,9 @@ def test_tiny_tail_is_exact():
 
 def test_k_equal_to_vocab_has_no_tail():
     z = torch.randn(5, 33)
-    s = teacher_signals_from_logits(z, torch.zeros(5, dtype=torch.int64), k=33, vocab_chunk=8)
+    s = teacher_signals_from_logits(
+        z, torch.zeros(5, dtype=torch.int64), SignalOptions(k=33, vocab_chunk=8)
+    )
     assert s.log_tail.isneginf().all()
     assert torch.equal(s.topk_ids, torch.sort(z, dim=1, descending=True, stable=True).indices)
     torch.testing.assert_close(s.topk_logprobs.exp().sum(1), torch.ones(5))
@@ -182,12 +189,10 @@ def test_samples_converge_to_the_distribution(sample_temperature):
     s = teacher_signals_from_logits(
         z,
         labels,
-        k=3,
-        num_samples=n,
-        sample_temperature=sample_temperature,
+        SignalOptions(
+            k=3, num_samples=n, sample_temperature=sample_temperature, vocab_chunk=7, row_chunk=512
+        ),
         generator=torch.Generator().manual_seed(2),
-        vocab_chunk=7,
-        row_chunk=512,
     )
     assert s.sample_ids.shape == (n_rows, n) and s.sample_ids.dtype == torch.int64
     assert s.sample_counts.dtype == torch.int32
@@ -215,7 +220,7 @@ def test_samples_are_reproducible_and_seed_dependent():
     def draw(seed: int) -> TeacherSignals:
         gen = torch.Generator().manual_seed(seed)
         return teacher_signals_from_logits(
-            z, labels, k=2, num_samples=8, generator=gen, vocab_chunk=20
+            z, labels, SignalOptions(k=2, num_samples=8, vocab_chunk=20), generator=gen
         )
 
     _same(draw(0), draw(0))
@@ -229,7 +234,7 @@ def test_check_finite_names_the_batch():
     z[4, 0] = math.inf
     z[5] = -math.inf  # no legal token at all
     s = teacher_signals_from_logits(
-        z, torch.zeros(6, dtype=torch.int64), k=4, num_samples=3, vocab_chunk=16
+        z, torch.zeros(6, dtype=torch.int64), SignalOptions(k=4, num_samples=3, vocab_chunk=16)
     )
     assert torch.isfinite(s.lse[[0, 1, 3]]).all()
     assert not torch.isfinite(s.lse[[2, 4, 5]]).any()
@@ -246,18 +251,22 @@ def test_check_finite_names_the_batch():
 def test_empty_batch_and_bad_arguments():
     w = torch.randn(20, 4)
     s = teacher_signals(
-        torch.randn(0, 4), w, None, torch.zeros(0, dtype=torch.int64), k=3, num_samples=2
+        torch.randn(0, 4),
+        w,
+        None,
+        torch.zeros(0, dtype=torch.int64),
+        SignalOptions(k=3, num_samples=2),
     )
     assert s.topk_ids.shape == (0, 3) and s.sample_ids.shape == (0, 2) and s.num_rows == 0
     h, labels = torch.randn(2, 4), torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="k must be"):
-        teacher_signals(h, w, None, labels, k=21)
+        teacher_signals(h, w, None, labels, SignalOptions(k=21))
     with pytest.raises(ValueError, match="labels must be token ids"):
-        teacher_signals(h, w, None, torch.tensor([0, 20]), k=2)
+        teacher_signals(h, w, None, torch.tensor([0, 20]), SignalOptions(k=2))
     with pytest.raises(ValueError, match="share d"):
-        teacher_signals(h, torch.randn(20, 5), None, labels, k=2)
+        teacher_signals(h, torch.randn(20, 5), None, labels, SignalOptions(k=2))
     with pytest.raises(ValueError, match="temperatures"):
-        teacher_signals(h, w, None, labels, k=2, temperatures=(0.0,))
+        teacher_signals(h, w, None, labels, SignalOptions(k=2, temperatures=(0.0,)))
 
 
 @pytest.mark.gpu
@@ -269,7 +278,12 @@ def test_cuda_bf16_chunked_topk_matches_torch_topk():
     w = (torch.randn(v, d, device=dev, generator=g) * 0.1).bfloat16()
     labels = torch.randint(-1, v, (n,), device=dev, generator=g)
     s = teacher_signals(
-        h, w, None, labels, k=k, num_samples=8, generator=g, vocab_chunk=chunk, row_chunk=512
+        h,
+        w,
+        None,
+        labels,
+        SignalOptions(k=k, num_samples=8, vocab_chunk=chunk, row_chunk=512),
+        generator=g,
     )
     # the same bf16 logits, block by block as the chunked path computes them
     z = torch.cat(
@@ -293,7 +307,9 @@ def test_cuda_bf16_chunked_topk_matches_torch_topk():
         s.label_logprob.cpu().double(), ref["label_logprob"], equal_nan=True, rtol=0, atol=1e-4
     )
     assert (s.sample_counts.sum(1) == 8).all()
-    dense = teacher_signals_from_logits(z, labels, k=k, vocab_chunk=chunk, row_chunk=512)
+    dense = teacher_signals_from_logits(
+        z, labels, SignalOptions(k=k, vocab_chunk=chunk, row_chunk=512)
+    )
     for name in ("topk_ids", "topk_logprobs", "lse", "log_tail"):
         assert torch.equal(getattr(s, name), getattr(dense, name)), name
 
@@ -317,7 +333,7 @@ def test_block_preselection_is_exact_on_ties(n, v, k, vocab_chunk, block, levels
     z[0] = -math.inf if n > 1 else z[0]  # a row with nothing legal: lse -inf, but no crash
     labels = torch.randint(-1, v, (n,), generator=g)
     s = teacher_signals_from_logits(
-        z, labels, k=k, temperatures=(3.0,), vocab_chunk=vocab_chunk, block=block
+        z, labels, SignalOptions(k=k, temperatures=(3.0,), vocab_chunk=vocab_chunk, block=block)
     )
     ref = _reference(z, labels, k, (3.0,))
     legal = torch.isfinite(ref["lse"])
@@ -338,9 +354,9 @@ def test_block_maxima_tied_across_the_boundary():
     z[:, ::b] = 5.0  # each block's first entry is the max, 8 blocks tie
     z[1, 40:48] = 5.0  # a whole block of maxima ties too
     labels = torch.zeros(2, dtype=torch.int64)
-    s = teacher_signals_from_logits(z, labels, k=k, block=b)
+    s = teacher_signals_from_logits(z, labels, SignalOptions(k=k, block=b))
     assert s.topk_ids.tolist() == [[0, 8, 16], [0, 8, 16]]
-    s = teacher_signals_from_logits(z, labels, k=10, block=b)
+    s = teacher_signals_from_logits(z, labels, SignalOptions(k=10, block=b))
     assert s.topk_ids[1].tolist() == [0, 8, 16, 24, 32, 40, 41, 42, 43, 44]
     assert torch.equal(s.topk_ids, _reference(z, labels, 10)["ids"])
 
@@ -353,7 +369,7 @@ def test_top_k_inside_one_block_and_spread_over_blocks():
     z[1, torch.randperm(v, generator=g)[:k]] = 10 + torch.arange(k).float()
     labels = torch.zeros(2, dtype=torch.int64)
     for block in (None, 1, 4, 64, 1000):
-        s = teacher_signals_from_logits(z, labels, k=k, block=block)
+        s = teacher_signals_from_logits(z, labels, SignalOptions(k=k, block=block))
         ref = _reference(z, labels, k)
         assert torch.equal(s.topk_ids, ref["ids"]), block
         torch.testing.assert_close(s.log_tail.double(), ref["log_tail"], rtol=0, atol=2e-5)
@@ -373,7 +389,9 @@ def test_bfloat16_logits_are_read_without_an_upcast_copy_of_the_whole():
     g = torch.Generator().manual_seed(2)
     z = (torch.randn(40, 700, generator=g) * 4).bfloat16()
     labels = torch.randint(0, 700, (40,), generator=g)
-    s = teacher_signals_from_logits(z, labels, k=9, temperatures=(2.0,), vocab_chunk=256)
+    s = teacher_signals_from_logits(
+        z, labels, SignalOptions(k=9, temperatures=(2.0,), vocab_chunk=256)
+    )
     ref = _reference(z.float(), labels, 9, (2.0,))
     assert torch.equal(s.topk_ids, ref["ids"])  # bf16 ties are common: lower id first
     torch.testing.assert_close(s.lse.double(), ref["lse"], rtol=1e-6, atol=1e-5)
@@ -387,10 +405,10 @@ def test_compiled_block_pass_matches_eager(monkeypatch):
     z = torch.randn(33, 1500, generator=g) * 3
     z[:, ::97] = -math.inf
     labels = torch.randint(-1, 1500, (33,), generator=g)
-    options = dict(k=12, temperatures=(0.5, 2.0), vocab_chunk=700)
-    eager = teacher_signals_from_logits(z, labels, **options)
+    options = SignalOptions(k=12, temperatures=(0.5, 2.0), vocab_chunk=700)
+    eager = teacher_signals_from_logits(z, labels, options)
     monkeypatch.setattr(block_topk, "_fuse", lambda z: True)
-    fused = teacher_signals_from_logits(z, labels, **options)
+    fused = teacher_signals_from_logits(z, labels, options)
     assert torch.equal(fused.topk_ids, eager.topk_ids)
     for name in ("topk_logprobs", "lse", "log_tail", "temp_lse", "label_logprob"):
         torch.testing.assert_close(
@@ -405,7 +423,7 @@ def test_cuda_fused_block_pass_matches_torch_topk_at_llama_vocab():
     g = torch.Generator(device=dev).manual_seed(1)
     z = (torch.randn(4096, 128256, device=dev, generator=g) * 3).bfloat16()
     labels = torch.randint(-1, 128256, (4096,), device=dev, generator=g)
-    s = teacher_signals_from_logits(z, labels, k=64, temperatures=(2.0,))
+    s = teacher_signals_from_logits(z, labels, SignalOptions(k=64, temperatures=(2.0,)))
     zf = z.float()
     top = torch.topk(zf, 64)
     assert torch.equal(s.topk_logprobs + s.lse.unsqueeze(1), top.values)
