@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from student_trainer.batch import TeacherBatch
 from student_trainer.config import TrainConfig
 from student_trainer.losses import LossSpec
-from student_trainer.losses._rowblock import row_blocked_loss
+from student_trainer.losses._rowblock import row_block_size, row_blocked_loss
 from student_trainer.losses._student import ChunkedStudent, DenseStudent, StudentLogits
 from student_trainer.losses.zloss import cross_entropy, z_loss
 from student_trainer.student import Objective
@@ -61,7 +61,7 @@ def objective_for(
             shares.append(((rows.stop - rows.start) / h.shape[0], seen))
             return loss
 
-        rows = max(1, cfg.logit_block // weight.shape[0])
+        rows = row_block_size(weight.shape[0], cfg.logit_block)
         loss = row_blocked_loss(block_loss, h, weight, bias, aux, rows_per_block=rows)
         for key in shares[0][1] if shares else ():
             stats[key] = sum(share * seen[key].detach() for share, seen in shares)
