@@ -203,8 +203,12 @@ def test_renormalised_fkl_is_not_zero_at_the_teacher(temperature: float) -> None
     seed=st.integers(0, 2**16),
 )
 def test_property_bucketed_between_zero_and_full(n, v, k, scale, temperature, seed) -> None:
+    """A property of the formulas, so the teacher is float64: from a float32 cache the tail at a
+    stored T != 1 is 1 - (tempered top-k mass), good to ~1e-7 in mass, and a tail of ~1e-5 then
+    reads ~1% off (hypothesis found n=1, v=9, k=7, scale=5, T=2, seed=894: 3.6862 vs 3.6858)."""
     k = min(k, v)
-    z, s, teacher = _inputs(n, v, k, seed=seed, scale=scale)
+    z, s, _ = _inputs(n, v, k, seed=seed, scale=scale)
+    s, teacher = s.double(), _teacher64(z, k)
     for name in BUCKETED:
         got = _per_row(name, s, teacher, temperature=temperature)
         full = _dense(name, z, s, teacher.ids, temperature, bucketed=False)
