@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc  # pyarrow does not load its compute module by itself
 
 from schemas import _columns
 from schemas.backend import IDENTITY_KEY, ShardReader, ShardWriter
@@ -103,9 +104,7 @@ class ArrowShardReader(ShardReader):
 
     def _decode(self, table: pa.Table) -> ShardRecords:
         cols = _columns.token_columns(self.layout, self.encoding)
-        lengths = pa.compute.list_value_length(table.column("input_ids")).to_numpy(
-            zero_copy_only=False
-        )
+        lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         sequences = {name: table.column(name).to_numpy() for name in _columns.sequence_columns()}

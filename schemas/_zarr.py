@@ -40,13 +40,17 @@ def _store(fs: AbstractFileSystem, path: str, read_only: bool) -> zarr.abc.store
 
 
 def _array(group: zarr.Group, name: str, values: np.ndarray, shuffle: str) -> None:
-    chunk = (max(1, min(CHUNK_TOKENS, values.shape[0])), *values.shape[1:])
+    n = values.shape[0]
+    chunk = max(1, min(CHUNK_TOKENS, n))
+    # Zarr needs the shard to be a whole number of inner chunks; the last chunk of the array
+    # may be partial (zarr stores only what lies inside the array's shape).
+    shard = -(-n // chunk) * chunk if n else chunk
     arr = group.create_array(
         name,
         shape=values.shape,
         dtype=values.dtype,
-        chunks=chunk,
-        shards=(max(chunk[0], values.shape[0]), *values.shape[1:]),
+        chunks=(chunk, *values.shape[1:]),
+        shards=(shard, *values.shape[1:]),
         compressors=BloscCodec(cname="zstd", clevel=5, shuffle=shuffle),
         # Store every chunk even when it equals the fill value: -0.0 == 0.0 would otherwise
         # come back as +0.0 and break the bit-for-bit round trip.
