@@ -14,6 +14,7 @@ pip="$work/venv/bin/pip"
 "$pip" install -q --upgrade pip
 "$pip" install -q "$TORCH_PIN"
 "$pip" install -q "$repo"
+rm -rf "$repo/build"  # setuptools builds in the source tree
 kd="$work/venv/bin/kdcache"
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 cd "$work"

@@ -31,13 +31,13 @@ from cache_builder.plan import BuildPlan, ShardPlan, make_plan, segments_of
 from cache_builder.teacher import Teacher, load_teacher
 from cache_builder.tokenizer import load_tokenizer, tokenizer_info
 from cache_builder.topk import SignalOptions, TeacherSignals
-from schemas.cache import COMMITS, TOKENIZER_DIR, CacheWriter
+from schemas.cache import COMMITS, TOKENIZER_DIR, CacheWriter, file_info
 from schemas.encodings import TopkEncoding, default_encoding
 from schemas.errors import KdcacheError
 from schemas.fingerprint import StreamHasher
 from schemas.manifest import BuildSettings, DatasetInfo, Manifest, TeacherInfo, TokenizerInfo
 from schemas.record import Layout
-from schemas.storage import join, write_bytes_atomic
+from schemas.storage import join, public_location
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,9 @@ def build(cfg: BuildConfig) -> BuildResult:
     ranks = Ranks.from_env()
     say = _say if ranks.is_main else _quiet
     try:
-        teacher_name, dataset, dataset_label, read_split = _resolve_defaults(cfg, say)
+        teacher_name, teacher_label, dataset, dataset_label, read_split = _resolve_defaults(
+            cfg, say
+        )
         tokenizer, notes = load_tokenizer(
             teacher_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
@@ -113,7 +115,10 @@ def build(cfg: BuildConfig) -> BuildResult:
             trust_remote_code=cfg.trust_remote_code,
         )
         encoding = _encoding(cfg, teacher.vocab_size)
-        draft = _draft_manifest(cfg, teacher, tokenizer, data_info, encoding)
+        tokenizer_bytes = _tokenizer_files(tokenizer)
+        draft = _draft_manifest(
+            cfg, teacher, teacher_label, tokenizer, tokenizer_bytes, data_info, encoding
+        )
 
         # Rank 0 creates (or checks, or replaces) the cache before anyone writes into it.
         writer = (
@@ -133,7 +138,9 @@ def build(cfg: BuildConfig) -> BuildResult:
                 cfg.out, m.num_tokens, len(m.shards), m.nbytes, time.perf_counter() - start, 0, True
             )
         if ranks.is_main:
-            _store_tokenizer(writer, tokenizer)
+            # Rewritten on every run (it is small), each file atomically: a crash mid-copy is
+            # repaired by the rerun.
+            writer.store_tokenizer(tokenizer_bytes)
 
         committed = writer.committed()
         mine = plan.for_rank(ranks.rank, ranks.world_size)
@@ -256,7 +263,7 @@ def _plan(stream: Iterator[Segment], cfg: BuildConfig, label: str) -> tuple[Buil
         lengths.append(len(seg))
     plan = make_plan(lengths, cfg.shard_tokens)
     info = dict(
-        source=label,
+        source=public_location(label),
         split=cfg.split,
         text_field=cfg.text_field,
         fingerprint=hasher.hexdigest(),
@@ -267,13 +274,23 @@ def _plan(stream: Iterator[Segment], cfg: BuildConfig, label: str) -> tuple[Buil
 
 
 def _draft_manifest(
-    cfg: BuildConfig, teacher: Teacher, tokenizer, data: dict, encoding: TopkEncoding
+    cfg: BuildConfig,
+    teacher: Teacher,
+    teacher_label: str,
+    tokenizer,
+    tokenizer_bytes: dict[str, bytes],
+    data: dict,
+    encoding: TopkEncoding,
 ) -> Manifest:
+    """The manifest of the finished cache, minus its shards. Nothing local or secret goes in:
+    where things were is recorded by `public_location`, what they were by their hashes."""
     tok = tokenizer_info(tokenizer)
+    tok["name_or_path"] = teacher_label  # the tokenizer is always the teacher's own
+    files = tuple(file_info(name, data) for name, data in sorted(tokenizer_bytes.items()))
     return Manifest(
         format=cfg.format,
-        teacher=TeacherInfo(**dataclasses.asdict(teacher.info)),
-        tokenizer=TokenizerInfo(**tok),
+        teacher=TeacherInfo(**{**dataclasses.asdict(teacher.info), "name_or_path": teacher_label}),
+        tokenizer=TokenizerInfo(**tok, files=files),
         dataset=DatasetInfo(**data),
         build=BuildSettings(
             top_k=cfg.top_k,
@@ -285,13 +302,14 @@ def _draft_manifest(
             dtype=str(teacher.dtype).removeprefix("torch."),
             seed=cfg.seed,
             shard_tokens=cfg.shard_tokens,
-            config=cfg.identity(),
+            config=_public_config(cfg),
         ),
         layout=Layout(
             k=cfg.top_k,
             vocab_size=teacher.vocab_size,
             temperatures=tuple(cfg.temperatures),
             num_samples=cfg.samples,
+            content_keys=True,
         ),
         encoding=encoding.to_json(),
     )
@@ -335,28 +353,37 @@ def _remove_stale_temporaries(writer: CacheWriter) -> None:
                 writer.fs.rm(path, recursive=True)
 
 
-def _store_tokenizer(writer: CacheWriter, tokenizer) -> None:
-    """Copy the tokenizer into the cache, so a student can be set up from the cache alone."""
-    # Rewritten on every run (it is small), each file atomically: a crash mid-copy is repaired
-    # by the rerun.
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The files `save_pretrained` writes for `tokenizer`: the copy stored in the cache."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        for path in sorted(Path(tmp).iterdir()):
-            write_bytes_atomic(
-                writer.fs, join(writer.root, TOKENIZER_DIR, path.name), path.read_bytes()
-            )
+        return {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir())}
 
 
-def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str, str]:
-    """(teacher, dataset path, dataset label, split to read), falling back to the embedded
-    default. The embedded corpus is written one file per split, and a file holds one split
-    ("train"), so the split asked for decides the file and "train" is what is read from it."""
+def _public_config(cfg: BuildConfig) -> dict:
+    """The build settings as the manifest records them: no output location, sources by
+    `public_location`."""
+    config = cfg.identity()
+    config.pop("out")
+    for key in ("teacher", "dataset"):
+        if config[key] is not None:
+            config[key] = public_location(config[key])
+    return config
+
+
+def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str, str, str]:
+    """(teacher, teacher label, dataset path, dataset label, split to read), falling back to
+    the embedded default. Labels are what the manifest records. The embedded corpus is written
+    one file per split, and a file holds one split ("train"), so the split asked for decides
+    the file and "train" is what is read from it."""
     teacher, dataset, label, read_split = cfg.teacher, cfg.dataset, cfg.dataset, cfg.split
+    teacher_label = public_location(teacher) if teacher is not None else ""
     if teacher is None or dataset is None:
         from cache_builder import default
 
         if teacher is None:
             teacher = str(default.DEFAULT_TEACHER_DIR)
+            teacher_label = "embedded:python-docs-teacher"
             say(f"no --teacher given: using the embedded default teacher ({teacher})")
         if dataset is None:
             folder = Path(tempfile.gettempdir()) / "kdcache-default-data"
@@ -366,7 +393,7 @@ def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str, str]:
                 f"no --dataset given: using the embedded default corpus, split {cfg.split} "
                 "(Python's own documentation)"
             )
-    return teacher, dataset, label or dataset, read_split
+    return teacher, teacher_label, dataset, label or dataset, read_split
 
 
 def _device(name: str, ranks: Ranks) -> str:

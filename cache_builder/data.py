@@ -36,6 +36,7 @@ import numpy as np
 from cache_builder.sources import DataError, DocumentColumn, load_rows
 from cache_builder.tokenizer import TokenizerError
 from schemas.errors import ConfigError
+from schemas.record import document_hash
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -67,6 +68,8 @@ class Segment:
     """Offset of this window's first token within the document's token ids."""
     input_ids: np.ndarray
     """(n,) int32, 1 <= n <= max_length."""
+    document_hash: int = 0
+    """`schemas.record.document_hash` of the whole document (the content key of its windows)."""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -265,9 +268,10 @@ def _windows(
 ) -> Iterator[Segment]:
     any_tokens = False
     for source_row, ids in docs:
+        key = document_hash(ids) if len(ids) else 0
         for start in range(0, len(ids), max_length):
             any_tokens = True
-            yield Segment(source_row, start, ids[start : start + max_length])
+            yield Segment(source_row, start, ids[start : start + max_length], key)
     if not any_tokens:
         raise DataError(
             f"{source} holds no documents after tokenisation (every row was empty)",

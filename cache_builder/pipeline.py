@@ -84,6 +84,7 @@ def records_from(
         label_logprob=host["label_logprob"],
         source_row=np.array([s.source_row for s in batch.segments], dtype=np.int64),
         source_start=np.array([s.source_start for s in batch.segments], dtype=np.int64),
+        document_hash=np.array([s.document_hash for s in batch.segments], dtype=np.uint64),
         seq_offsets=offsets,
     )
     if "temp_lse" in host:

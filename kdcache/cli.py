@@ -35,6 +35,51 @@ def friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def storage_option(fn: F) -> F:
+    """`--storage-option KEY=VALUE` (repeatable), handed to fsspec for every URL a command
+    opens."""
+    return click.option(
+        "--storage-option",
+        "storage_option",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="fsspec option for the cache's storage, repeatable: a dotted KEY nests "
+        "(client_kwargs.endpoint_url=http://127.0.0.1:9000), a VALUE that reads as JSON "
+        "(true, 3, {...}) is taken as such. Credentials given here never reach a manifest.",
+    )(fn)
+
+
+def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, text in _key_values(pairs, "--storage-option").items():
+        try:
+            value: Any = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = options
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise click.BadParameter(
+                    f"{key!r} nests under {part!r}, which is already set to a value",
+                    param_hint="--storage-option",
+                )
+            node = child
+        node[leaf] = value
+    return options
+
+
+def _key_values(pairs: tuple[str, ...], option: str = "--loss-option") -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected key=value, got {pair!r}", param_hint=option)
+        out[key.strip()] = value.strip()
+    return out
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="kdcache")
 def main() -> None:
@@ -60,13 +105,20 @@ def main() -> None:
     show_default=True,
     help="Tokens read for the teacher statistics.",
 )
+@storage_option
 @friendly_errors
-def inspect(cache: str, as_json: bool, sample_tokens: int) -> None:
-    """Show what CACHE holds: teacher, tokenizer, data, k, encodings, sizes, teacher statistics."""
+def inspect(cache: str, as_json: bool, sample_tokens: int, storage_option: tuple[str, ...]) -> None:
+    """Show what CACHE holds: teacher, tokenizer, data, k, encodings, sizes, and the fidelity
+    the build measured (teacher statistics and encoding error), from the manifest alone.
+
+    Caches of format 1.x carry no fidelity block: their teacher statistics are computed from
+    --sample-tokens tokens of their shards instead.
+    """
     from schemas import open_cache
     from schemas.stats import describe
 
-    info = describe(open_cache(cache), sample_tokens=sample_tokens)
+    options = _storage_options(storage_option)
+    info = describe(open_cache(cache, **options), sample_tokens=sample_tokens)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -74,11 +126,10 @@ def inspect(cache: str, as_json: bool, sample_tokens: int) -> None:
 
 
 def _format_inspect(info: dict[str, Any]) -> str:
-    stats = info["teacher_stats"]
     bpt = info["bytes_per_token"]
     enc = info["encoding"]
     lines = [
-        f"cache        {info['url']}  ({info['status']}, schema {info['schema_version']}, {info['format']})",
+        f"cache        {info['url']}  ({info['status']}, schema {info['schema_version']}, {info['format']}, by {info['created_by']})",
         f"teacher      {info['teacher']['name_or_path']}  ({info['teacher'].get('model_type')}, {info['teacher'].get('dtype')})",
         f"tokenizer    {info['tokenizer']['name_or_path']}  vocab {info['tokenizer']['vocab_size']}  {info['tokenizer']['fingerprint'][:19]}",
         f"dataset      {info['dataset']['source']}  split {info['dataset'].get('split')}  {info['dataset']['num_documents']} documents",
@@ -88,11 +139,27 @@ def _format_inspect(info: dict[str, Any]) -> str:
         f"size         {info['shards']} shards, {info['sequences']} sequences, {info['tokens']} tokens, "
         f"{info['bytes'] / 1e6:.2f} MB" + (f", {bpt:.1f} bytes/token" if bpt else ""),
     ]
-    if stats.get("sampled_tokens"):
+    if derived := info.get("derived"):
+        sources = ", ".join(s["url"] for s in derived["sources"])
+        lines.append(f"derived      {derived['operation']} of {sources}")
+    if fid := info.get("fidelity"):
+        label = fid["label_in_topk"]
+        lines.append(
+            f"fidelity     tail mass {fid['mean_tail_mass']:.4f}   top-k entropy "
+            f"{fid['mean_topk_entropy_nats']:.3f} nats   label in top-k "
+            + (f"{label:.3f}" if label is not None else "n/a")
+            + f"   (all {fid['positions']} positions, measured at build)"
+        )
+        lines.append(
+            f"encoding     max |log-prob error| {fid['encoding_max_abs_logprob_error']:.2e}   "
+            f"top-k KL {fid['encoding_mean_topk_kl']:.2e} nats   "
+            f"(on {fid['encoding_sampled_positions']} positions)"
+        )
+    elif (stats := info.get("teacher_stats") or {}).get("sampled_tokens"):
         lines.append(
             f"teacher      top-1 p {stats['mean_top1_prob']:.3f}   tail mass {stats['mean_tail_mass']:.4f}   "
             f"top-k entropy {stats['mean_topk_entropy_nats']:.3f} nats   label in top-k {stats['label_in_topk']:.3f}   "
-            f"(from {stats['sampled_tokens']} tokens)"
+            f"(from {stats['sampled_tokens']} tokens; this cache predates fidelity blocks)"
         )
     return "\n".join(lines)
 
@@ -100,15 +167,16 @@ def _format_inspect(info: dict[str, Any]) -> str:
 @main.command()
 @click.argument("cache")
 @click.option("--deep", is_flag=True, help="Also decode every record and check its invariants.")
+@storage_option
 @friendly_errors
-def validate(cache: str, deep: bool) -> None:
+def validate(cache: str, deep: bool, storage_option: tuple[str, ...]) -> None:
     """Check CACHE: manifest, every shard's size and checksum; with --deep, every record.
 
     Exits 0 only if everything holds; otherwise prints one line per problem, naming the shard.
     """
     from schemas.validate import validate_cache
 
-    problems = validate_cache(cache, deep=deep)
+    problems = validate_cache(cache, deep=deep, **_storage_options(storage_option))
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     if problems:
@@ -125,16 +193,6 @@ def _floats(text: str | None) -> tuple[float, ...]:
         raise click.BadParameter(
             f"expected comma-separated numbers like 2,4; got {text!r}"
         ) from None
-
-
-def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected key=value, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 @main.command()
@@ -251,6 +309,7 @@ def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
     show_default=True,
     help="Progress bar with tokens/s and ETA.",
 )
+@storage_option
 @friendly_errors
 def build(**opts: Any) -> None:
     """Run a teacher over a dataset once and cache its top-k distribution per token.
@@ -271,6 +330,7 @@ def build(**opts: Any) -> None:
 
     opts["format"] = opts.pop("fmt")
     opts["temperatures"] = _floats(opts["temperatures"])
+    opts["storage_options"] = _storage_options(opts.pop("storage_option"))
     cfg = BuildConfig(**opts)
     click.echo(run_build(cfg).summary())
 
@@ -401,6 +461,7 @@ class _LazyChoice(click.Choice):
     "--skip-bad-shards", is_flag=True, help="Count and skip shards that fail their checksum."
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@storage_option
 @friendly_errors
 def train(**opts: Any) -> None:
     """Distil a student from a teacher cache; the teacher is never loaded.
@@ -414,6 +475,7 @@ def train(**opts: Any) -> None:
     from student_trainer import train as run_train
 
     opts["loss_options"] = _key_values(opts.pop("loss_option"))
+    opts["storage_options"] = _storage_options(opts.pop("storage_option"))
     cfg = TrainConfig(**opts)
     click.echo(run_train(cfg).summary())
 

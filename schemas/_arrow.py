@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc  # pyarrow does not load its compute module by itself
 
 from schemas import _columns
+from schemas._columns import StoredShard
 from schemas.backend import IDENTITY_KEY, ShardReader, ShardWriter
 from schemas.encodings import Column, TopkEncoding
-from schemas.record import Layout, ShardRecords
+from schemas.record import Layout
 from schemas.storage import checksum_file, is_local
 
 SUFFIX = ".arrow"
@@ -29,7 +30,7 @@ def arrow_schema(layout: Layout, encoding: TopkEncoding, identity: dict[str, Any
     """The Arrow schema of a shard: derived from the record table and the encoding."""
     fields = [
         pa.field(name, pa.from_numpy_dtype(np.dtype(dt)))
-        for name, dt in _columns.sequence_columns().items()
+        for name, dt in _columns.sequence_columns(layout).items()
     ]
     for col in _columns.token_columns(layout, encoding).values():
         fields.append(
@@ -55,14 +56,14 @@ class ArrowShardWriter(ShardWriter):
         options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", _ZSTD_LEVEL))
         self._writer = pa.ipc.new_file(self._sink, self.schema, options=options)
 
-    def _write(self, records: ShardRecords) -> None:
-        columns = _columns.encode(records, self.layout, self.encoding)
-        offsets = pa.array(records.seq_offsets.astype(np.int32))
-        arrays = [pa.array(getattr(records, name)) for name in _columns.sequence_columns()]
+    def _write(self, stored: StoredShard) -> None:
+        offsets = pa.array(stored.seq_offsets.astype(np.int32))
+        arrays = []
         for field in self.schema:
-            if field.name not in columns:
+            if field.name in stored.sequences:
+                arrays.append(pa.array(stored.sequences[field.name]))
                 continue
-            values = columns[field.name]
+            values = stored.tokens[field.name]
             flat = pa.array(values.reshape(-1))
             for size in reversed(values.shape[1:]):
                 flat = pa.FixedSizeListArray.from_arrays(flat, size)
@@ -93,30 +94,37 @@ class ArrowShardReader(ShardReader):
 
     def identity(self) -> dict[str, Any]:
         meta = self._open().schema.metadata or {}
-        return json.loads(meta.get(IDENTITY_KEY.encode(), b"{}"))
-
-    def read(self) -> ShardRecords:
         try:
-            table = self._open().read_all()
-            return self._decode(table)
-        except (pa.ArrowInvalid, pa.ArrowException, ValueError, KeyError) as exc:
+            found = json.loads(meta.get(IDENTITY_KEY.encode(), b"{}"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise self._corrupt(exc) from exc
+        return found if isinstance(found, dict) else {}
 
-    def _decode(self, table: pa.Table) -> ShardRecords:
-        cols = _columns.token_columns(self.layout, self.encoding)
+    def _read_stored(self, start: int | None, stop: int | None) -> StoredShard:
+        table = self._open().read_all()
+        if start is not None:
+            table = table.slice(start, stop - start)
         lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        sequences = {name: table.column(name).to_numpy() for name in _columns.sequence_columns()}
-        columns = {name: _flatten(table.column(name), col) for name, col in cols.items()}
-        return _columns.decode(columns, sequences, offsets, self.layout, self.encoding)
+        cols = _columns.token_columns(self.layout, self.encoding)
+        return StoredShard(
+            tokens={name: _flatten(table.column(name), col) for name, col in cols.items()},
+            sequences={
+                name: table.column(name).to_numpy()
+                for name in _columns.sequence_columns(self.layout)
+            },
+            seq_offsets=offsets,
+        )
 
     def _checksum(self, path: str) -> tuple[str, int]:
         return checksum_file(self.fs, path)
 
 
 def _flatten(column: pa.ChunkedArray, col: Column) -> np.ndarray:
-    """(N, *shape) numpy values of a list column, whatever its chunking."""
+    """(N, *shape) values of a list column in the column's stored dtype, whatever its chunking.
+
+    Flattening a sliced list array yields only the slice's values."""
     pieces = []
     for chunk in column.chunks:
         flat = chunk.flatten()
@@ -124,4 +132,6 @@ def _flatten(column: pa.ChunkedArray, col: Column) -> np.ndarray:
             flat = flat.flatten()
         pieces.append(flat.to_numpy(zero_copy_only=False))
     values = np.concatenate(pieces) if pieces else np.zeros(0, dtype=col.dtype)
-    return values.astype(col.dtype, copy=False).reshape(-1, *col.shape)
+    if values.dtype != np.dtype(col.dtype):
+        raise ValueError(f"{col.name} is stored as {values.dtype}, the layout says {col.dtype}")
+    return values.reshape(-1, *col.shape)

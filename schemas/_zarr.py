@@ -16,8 +16,9 @@ from fsspec import AbstractFileSystem
 from zarr.codecs import BloscCodec
 
 from schemas import _columns
+from schemas._columns import StoredShard, concat_stored, to_stored
 from schemas.backend import IDENTITY_KEY, ShardReader, ShardWriter
-from schemas.record import ShardRecords, concat_records, empty_records
+from schemas.record import empty_records
 from schemas.storage import checksum_tree, is_local
 
 SUFFIX = ".zarr"
@@ -67,22 +68,25 @@ class ZarrShardWriter(ShardWriter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._parts: list[ShardRecords] = []
+        self._parts: list[StoredShard] = []
 
-    def _write(self, records: ShardRecords) -> None:
-        self._parts.append(records)
+    def _write(self, stored: StoredShard) -> None:
+        self._parts.append(stored)
 
     def _close(self) -> None:
-        records = concat_records(self._parts) if self._parts else empty_records(self.layout)
-        self._parts = []
+        parts, self._parts = self._parts, []
+        stored = (
+            concat_stored(parts)
+            if parts
+            else to_stored(empty_records(self.layout), self.layout, self.encoding)
+        )
         group = zarr.open_group(_store(self.fs, self.tmp_path, False), mode="w", zarr_format=3)
         group.attrs[IDENTITY_KEY] = self.identity
-        columns = _columns.encode(records, self.layout, self.encoding)
         for name, col in _columns.token_columns(self.layout, self.encoding).items():
-            _array(group, name, columns[name], col.shuffle)
-        for name in _columns.sequence_columns():
-            _array(group, name, getattr(records, name), "noshuffle")
-        _array(group, "seq_offsets", records.seq_offsets, "noshuffle")
+            _array(group, name, stored.tokens[name], col.shuffle)
+        for name, values in stored.sequences.items():
+            _array(group, name, values, "noshuffle")
+        _array(group, "seq_offsets", stored.seq_offsets, "noshuffle")
 
     def _checksum(self, path: str) -> tuple[str, int]:
         return checksum_tree(self.fs, path)
@@ -96,31 +100,26 @@ class ZarrShardReader(ShardReader):
             raise self._corrupt(exc) from exc
 
     def identity(self) -> dict[str, Any]:
-        return dict(self._group().attrs.get(IDENTITY_KEY, {}))
+        found = self._group().attrs.get(IDENTITY_KEY, {})
+        return dict(found) if isinstance(found, dict) else {}
 
-    def read(self) -> ShardRecords:
-        group = self._group()
-        try:
-            names = _columns.token_columns(self.layout, self.encoding)
-            columns = {name: group[name][...] for name in names}
-            sequences = {name: group[name][...] for name in _columns.sequence_columns()}
-            offsets = group["seq_offsets"][...]
-            return _columns.decode(columns, sequences, offsets, self.layout, self.encoding)
-        except Exception as exc:  # codec, key and shape errors all mean a damaged shard
-            raise self._corrupt(exc) from exc
-
-    def read_sequences(self, start: int, stop: int) -> ShardRecords:
+    def _read_stored(self, start: int | None, stop: int | None) -> StoredShard:
         """Reads only the chunks that hold sequences start..stop."""
         group = self._group()
-        try:
+        if start is None:
+            offsets = group["seq_offsets"][...]
+            start, stop = 0, offsets.shape[0] - 1
+        else:
             offsets = group["seq_offsets"][start : stop + 1]
-            lo, hi = int(offsets[0]), int(offsets[-1])
-            names = _columns.token_columns(self.layout, self.encoding)
-            columns = {name: group[name][lo:hi] for name in names}
-            sequences = {name: group[name][start:stop] for name in _columns.sequence_columns()}
-            return _columns.decode(columns, sequences, offsets - lo, self.layout, self.encoding)
-        except Exception as exc:
-            raise self._corrupt(exc) from exc
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        names = _columns.token_columns(self.layout, self.encoding)
+        return StoredShard(
+            tokens={name: group[name][lo:hi] for name in names},
+            sequences={
+                name: group[name][start:stop] for name in _columns.sequence_columns(self.layout)
+            },
+            seq_offsets=np.asarray(offsets - lo, dtype=np.int64),
+        )
 
     def _checksum(self, path: str) -> tuple[str, int]:
         return checksum_tree(self.fs, path)

@@ -3,19 +3,23 @@
 A shard holds whole sequences. Writers are context managers with a commit:
 
     with backend.writer(fs, root, index, layout, encoding, identity) as w:
-        w.write(records)          # any number of times
-        info = w.finalize()       # closes, checksums, moves into place -> ShardInfo
+        w.write(records)          # any number of times (or w.write_stored(stored))
+        info = w.finalize()       # closes, checksums, moves into shards/ -> ShardInfo
 
-Until `finalize` returns, everything lives under a temporary name in `shards/` that no reader
-looks at; an exception inside the `with` removes it. Listing the returned `ShardInfo` in the
-manifest is what makes the shard part of the cache (see `schemas.cache`).
+Until `finalize` returns, everything lives under `staging/` at the cache root, where no reader
+and no glob over `shards/` looks; an exception inside the `with` removes it. Listing the
+returned `ShardInfo` in the manifest is what makes the shard part of the cache (see
+`schemas.cache`).
 
 Both backends store the same encoded columns (`schemas._columns`), so the records they hand
-back are equal bit for bit.
+back are equal bit for bit. Every shard also carries its own metadata (`IDENTITY_KEY`): the
+format version, the fingerprint of the cache it was written for, its index, the layout and the
+encoding with its parameters, so a shard found on its own can still be identified and decoded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from abc import ABC, abstractmethod
@@ -23,18 +27,32 @@ from typing import Any, ClassVar
 
 from fsspec import AbstractFileSystem
 
+from schemas._columns import StoredShard, from_stored, to_stored
 from schemas.encodings import TopkEncoding
 from schemas.errors import CacheCorruptError, CacheNotFoundError
+from schemas.fidelity import ShardFidelity, measure
 from schemas.manifest import SHARD_DIR, ShardInfo
 from schemas.record import Layout, ShardRecords
-from schemas.storage import is_local, join
+from schemas.storage import join, move_tree
+from schemas.version import FORMAT_VERSION
 
 IDENTITY_KEY = "kdcache"
-"""Key of the identity metadata every shard carries (Arrow schema metadata, Zarr attributes)."""
+"""Key of the metadata every shard carries (Arrow schema metadata, Zarr group attributes)."""
+STAGING_DIR = "staging"
+"""Where shards are written before they are moved into `shards/` and committed."""
 
 
 def shard_name(index: int, suffix: str) -> str:
     return f"{SHARD_DIR}/{index:06d}{suffix}"
+
+
+def shard_metadata(layout: Layout, encoding: TopkEncoding) -> dict[str, Any]:
+    """What a shard says about its own contents (JSON-ready)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "layout": json.loads(json.dumps(dataclasses.asdict(layout))),
+        "encoding": encoding.describe(),
+    }
 
 
 class ShardWriter(ABC):
@@ -51,21 +69,19 @@ class ShardWriter(ABC):
     ) -> None:
         self.fs, self.root, self.index = fs, root, index
         self.layout, self.encoding = layout, encoding
-        self.identity = {**identity, "shard_index": index}
+        self.identity = {**identity, **shard_metadata(layout, encoding), "shard_index": index}
         self.name = shard_name(index, self.suffix)
-        final = join(root, self.name)
-        # Local disks write under a temporary name and rename (atomic). Object stores have no
-        # rename (a "move" copies every object), so they write under the final name, clearing
-        # an uncommitted leftover first; either way, only the commit makes a shard visible.
-        self.direct = not is_local(fs)
-        if self.direct and fs.exists(final):
-            fs.rm(final, recursive=True)
-        tmp = join(root, SHARD_DIR, f".tmp-{index:06d}-{uuid.uuid4().hex[:8]}{self.suffix}")
-        self.tmp_path = final if self.direct else tmp
+        # Every store writes under staging/ and moves the finished shard into shards/: a local
+        # rename is atomic, an object store copies on its own side. Until then a glob over
+        # shards/ never sees it.
+        staging = join(root, STAGING_DIR)
+        self.tmp_path = join(staging, f"{index:06d}-{uuid.uuid4().hex[:8]}{self.suffix}")
         self.num_tokens = 0
         self.num_sequences = 0
+        self.fidelity: ShardFidelity | None = ShardFidelity()
+        """Measured by `write`; None once `write_stored` (values no longer exact) is used."""
         self._done = False
-        fs.makedirs(join(root, SHARD_DIR), exist_ok=True)
+        fs.makedirs(staging, exist_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -75,21 +91,32 @@ class ShardWriter(ABC):
             self.abort()
 
     def write(self, records: ShardRecords) -> None:
-        """Append whole sequences."""
+        """Append whole sequences, measuring their fidelity before they are encoded."""
         records.check(self.layout)
-        self._write(records)
-        self.num_tokens += records.num_tokens
-        self.num_sequences += records.num_sequences
+        if self.fidelity is not None:
+            self.fidelity = self.fidelity + measure(records, self.encoding, self.layout.vocab_size)
+        self._append(to_stored(records, self.layout, self.encoding))
+
+    def write_stored(self, stored: StoredShard) -> None:
+        """Append whole sequences already in their stored form (copied from another shard)."""
+        stored.check(self.layout, self.encoding)
+        self.fidelity = None
+        self._append(stored)
+
+    def _append(self, stored: StoredShard) -> None:
+        self._write(stored)
+        self.num_tokens += stored.num_tokens
+        self.num_sequences += stored.num_sequences
 
     def finalize(self) -> ShardInfo:
         """Close, checksum, and move the shard to its final name; return what to list."""
         self._close()
         checksum, nbytes = self._checksum(self.tmp_path)
         final = join(self.root, self.name)
-        if not self.direct:
-            if self.fs.exists(final):  # an uncommitted leftover of a crashed run: never listed
-                self.fs.rm(final, recursive=True)
-            self.fs.mv(self.tmp_path, final, recursive=True)
+        if self.fs.exists(final):  # moved by a crashed run but never committed: never listed
+            self.fs.rm(final, recursive=True)
+        self.fs.makedirs(join(self.root, SHARD_DIR), exist_ok=True)
+        move_tree(self.fs, self.tmp_path, final)
         self._done = True
         return ShardInfo(
             name=self.name,
@@ -98,6 +125,7 @@ class ShardWriter(ABC):
             num_sequences=self.num_sequences,
             nbytes=nbytes,
             checksum=checksum,
+            fidelity=self.fidelity,
         )
 
     def abort(self) -> None:
@@ -110,7 +138,7 @@ class ShardWriter(ABC):
         return json.dumps(self.identity, sort_keys=True)
 
     @abstractmethod
-    def _write(self, records: ShardRecords) -> None: ...
+    def _write(self, stored: StoredShard) -> None: ...
 
     @abstractmethod
     def _close(self) -> None: ...
@@ -160,23 +188,61 @@ class ShardReader(ABC):
                 hint="delete the shard and re-run the build to rewrite it",
             )
 
-    @abstractmethod
     def read(self) -> ShardRecords:
         """All records of the shard."""
+        return self._decode(self.read_stored())
 
     def read_sequences(self, start: int, stop: int) -> ShardRecords:
         """Sequences start..stop (exclusive)."""
-        return self.read().sequences(start, stop)
+        return self._decode(self.read_stored(start, stop))
+
+    def read_stored(self, start: int | None = None, stop: int | None = None) -> StoredShard:
+        """Sequences start..stop (all by default) in their stored form, checked against the
+        layout (column names, dtypes, shapes, offsets)."""
+        try:
+            stored = self._read_stored(start, stop)
+            stored.check(self.layout, self.encoding)
+        except CacheCorruptError:
+            raise
+        except Exception as exc:  # codec, key, shape and offset errors all mean a damaged shard
+            raise self._corrupt(exc) from exc
+        return stored
+
+    def check_identity(self, expected: dict[str, Any]) -> None:
+        """Raise `CacheCorruptError` unless the shard's own metadata has `expected`'s values."""
+        found = self.identity()
+        for key, want in expected.items():
+            if found.get(key) != want:
+                raise CacheCorruptError(
+                    f"{self.where} does not belong here: its metadata says {key} "
+                    f"{_brief(found.get(key))}, the manifest {_brief(want)}",
+                    hint="the shard was copied in from another cache or the manifest was edited; "
+                    "restore both from the cache's producer",
+                )
+
+    def _decode(self, stored: StoredShard) -> ShardRecords:
+        try:
+            return from_stored(stored, self.layout, self.encoding)
+        except Exception as exc:  # an encoding's own consistency checks (ValueError)
+            raise self._corrupt(exc) from exc
+
+    @abstractmethod
+    def _read_stored(self, start: int | None, stop: int | None) -> StoredShard: ...
 
     @abstractmethod
     def identity(self) -> dict[str, Any]:
-        """The identity metadata written into the shard itself."""
+        """The metadata written into the shard itself."""
 
     @abstractmethod
     def _checksum(self, path: str) -> tuple[str, int]: ...
 
     def _corrupt(self, exc: BaseException) -> CacheCorruptError:
         return CacheCorruptError(
-            f"{self.where} cannot be decoded ({type(exc).__name__}: {exc})",
+            f"{self.where} cannot be decoded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
             hint="run `kdcache validate --deep` on the cache; delete the shard and re-run the build",
         )
+
+
+def _brief(value: object) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."

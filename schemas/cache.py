@@ -1,7 +1,7 @@
 """A cache on disk or object storage: open it to read, or write one shard at a time.
 
 Commit protocol (what makes a build crash-safe and resumable):
-1. a shard is written under a temporary name in `shards/`, checksummed, moved to its name;
+1. a shard is written under a temporary name in `staging/`, checksummed, moved into `shards/`;
 2. its `ShardInfo` is written atomically to `commits/<index>.json`: from here on it is committed;
 3. the manifest owner (rank 0) rewrites `manifest.json` listing every committed shard, and at
    the end marks it `complete`.
@@ -11,9 +11,13 @@ rerun finds the committed shards in `commits/` and writes only the rest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,13 +25,22 @@ from fsspec import AbstractFileSystem
 
 from schemas._arrow import ArrowShardReader, ArrowShardWriter
 from schemas._zarr import ZarrShardReader, ZarrShardWriter
-from schemas.backend import ShardReader, ShardWriter
+from schemas.backend import STAGING_DIR, ShardReader, ShardWriter, shard_metadata
 from schemas.encodings import TopkEncoding
 from schemas.errors import CacheCorruptError, CacheNotFoundError, IncompatibleCacheError
-from schemas.manifest import SHARD_DIR, Manifest, ShardInfo, parse_manifest, to_json
+from schemas.fidelity import summarize
+from schemas.manifest import (
+    SHARD_DIR,
+    FileInfo,
+    Manifest,
+    ShardInfo,
+    parse_manifest,
+    parse_shard_info,
+    to_json,
+)
 from schemas.record import Layout, ShardRecords
 from schemas.storage import join, resolve, write_bytes_atomic
-from schemas.version import FORMAT_VERSION
+from schemas.version import FORMAT_VERSION, parse_version, producer
 
 MANIFEST = "manifest.json"
 COMMITS = "commits"
@@ -65,10 +78,26 @@ class Cache:
         return self.manifest.status == "complete"
 
     def reader(self, shard: ShardInfo | int, *, verify: bool = True) -> ShardReader:
+        """A reader of a listed shard, whose own metadata is checked against the manifest
+        (and, with `verify`, its size and checksum)."""
         info = self.shards[shard] if isinstance(shard, int) else shard
-        return self.backend.reader(
+        reader = self.backend.reader(
             self.fs, self.root, info, self.layout, self.encoding, verify=verify
         )
+        reader.check_identity(self.expected_identity(info))
+        return reader
+
+    def expected_identity(self, info: ShardInfo) -> dict[str, Any]:
+        """What shard `info`'s own metadata must say to belong to this cache."""
+        expected: dict[str, Any] = {
+            "cache_fingerprint": info.origin or self.manifest.fingerprint,
+            "shard_index": info.index if info.origin_index is None else info.origin_index,
+        }
+        if parse_version(self.manifest.schema_version)[0] >= 2:  # 1.x shards carry no layout
+            meta = shard_metadata(self.layout, self.encoding)
+            expected["layout"] = meta["layout"]
+            expected["encoding"] = meta["encoding"]
+        return expected
 
     def read_shard(self, shard: ShardInfo | int, *, verify: bool = True) -> ShardRecords:
         return self.reader(shard, verify=verify).read()
@@ -77,10 +106,53 @@ class Cache:
         for info in self.shards:
             yield self.read_shard(info)
 
-    def tokenizer_path(self) -> str | None:
-        """Where the cache's copy of the tokenizer is, if the builder stored one."""
-        path = join(self.root, TOKENIZER_DIR)
-        return path if self.fs.exists(path) else None
+    def has_tokenizer(self) -> bool:
+        """Whether the builder stored a copy of the tokenizer in the cache."""
+        return bool(self.manifest.tokenizer.files) or self.fs.isdir(join(self.root, TOKENIZER_DIR))
+
+    @contextlib.contextmanager
+    def tokenizer_files(self) -> Iterator[str]:
+        """A local folder with the cache's tokenizer copy, each file checked against the
+        manifest's size and checksum; removed when the block ends.
+
+        Files are copied, never opened in place, so a tokenizer loader never follows anything
+        inside the cache. Raises `CacheNotFoundError` when the cache holds no tokenizer and
+        `CacheCorruptError` when a file differs from what the manifest lists.
+        """
+        with tempfile.TemporaryDirectory(prefix="kdcache-tokenizer-") as target:
+            for name, data in self._tokenizer_bytes():
+                with open(os.path.join(target, name), "wb") as f:
+                    f.write(data)
+            yield target
+
+    def _tokenizer_bytes(self) -> Iterator[tuple[str, bytes]]:
+        folder = join(self.root, TOKENIZER_DIR)
+        listed = self.manifest.tokenizer.files
+        if not listed:  # a 1.x cache: no checksums to hold the files to
+            if not self.fs.isdir(folder):
+                raise CacheNotFoundError(
+                    f"{self.url} holds no tokenizer copy", hint="pass --tokenizer PATH"
+                )
+            for path in sorted(self.fs.ls(folder, detail=False)):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if not name.startswith(".") and self.fs.isfile(path):
+                    yield name, self.fs.cat_file(path)
+            return
+        for entry in listed:
+            path = join(folder, entry.name)
+            where = f"{self.url}: {TOKENIZER_DIR}/{entry.name}"
+            if not self.fs.exists(path):
+                raise CacheNotFoundError(
+                    f"{where} is listed in the manifest but missing",
+                    hint="restore the tokenizer/ folder from the cache's producer, or pass --tokenizer PATH",
+                )
+            data = self.fs.cat_file(path)
+            if file_info(entry.name, data) != entry:
+                raise CacheCorruptError(
+                    f"{where} does not match the manifest's size and checksum",
+                    hint="restore the tokenizer/ folder from the cache's producer, or pass --tokenizer PATH",
+                )
+            yield entry.name, data
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -135,7 +207,11 @@ class CacheWriter:
         self.url, self.owner = url, owner
         self.fs, self.root = resolve(url, **storage_options)
         self.draft = dataclasses.replace(
-            draft, shards=(), status="building", schema_version=FORMAT_VERSION
+            draft,
+            shards=(),
+            status="building",
+            schema_version=FORMAT_VERSION,
+            created_by=producer(),
         )
         self.backend = BACKENDS[draft.format]
         self.encoding = TopkEncoding.from_json(draft.encoding)
@@ -157,7 +233,7 @@ class CacheWriter:
                 hint="choose another --out, or pass --overwrite to replace it",
             )
         if self.owner:
-            for name in (MANIFEST, COMMITS, SHARD_DIR, TOKENIZER_DIR):
+            for name in (MANIFEST, COMMITS, SHARD_DIR, STAGING_DIR, TOKENIZER_DIR):
                 if self.fs.exists(join(self.root, name)):
                     self.fs.rm(join(self.root, name), recursive=True)
         return None
@@ -175,15 +251,22 @@ class CacheWriter:
                 name = path.rstrip("/").rsplit("/", 1)[-1]
                 # Another rank's commit record may be half-written under a .tmp- name.
                 if name.endswith(".json") and not name.startswith(".tmp-"):
-                    info = ShardInfo(**json.loads(self.fs.cat_file(path)))
+                    info = parse_shard_info(json.loads(self.fs.cat_file(path)), path)
                     found[info.index] = info
         return found
 
     def shard_writer(self, index: int) -> ShardWriter:
-        identity = {"format_version": FORMAT_VERSION, "cache_fingerprint": self.draft.fingerprint}
+        identity = {"cache_fingerprint": self.draft.fingerprint}
         return self.backend.writer(
             self.fs, self.root, index, self.draft.layout, self.encoding, identity
         )
+
+    def store_tokenizer(self, files: Mapping[str, bytes]) -> None:
+        """Write the tokenizer copy (the draft's `tokenizer.files` must list these bytes)."""
+        if tuple(file_info(n, d) for n, d in sorted(files.items())) != self.draft.tokenizer.files:
+            raise ValueError("the tokenizer files differ from the draft manifest's list")
+        for name, data in sorted(files.items()):
+            write_bytes_atomic(self.fs, join(self.root, TOKENIZER_DIR, name), data)
 
     def commit(self, info: ShardInfo) -> None:
         """Make a finished shard part of the cache."""
@@ -201,24 +284,37 @@ class CacheWriter:
                 f"{self.url}: cannot finalize, shards {missing[:10]} were never committed",
                 hint="re-run the build; it resumes and writes the missing shards",
             )
-        manifest = dataclasses.replace(self.draft, **updates).with_shards(
-            (shards[i] for i in range(num_shards)), status="complete"
-        )
+        listed = [shards[i] for i in range(num_shards)]
+        updates.setdefault("fidelity", summarize(s.fidelity for s in listed))
+        manifest = dataclasses.replace(self.draft, **updates).with_shards(listed, status="complete")
         self._write_manifest(manifest)
         return manifest
 
     def remove_temporaries(self, indices: set[int] | None = None) -> None:
-        """Delete leftovers of crashed writers (only for `indices`, when other ranks are writing)."""
-        folder = join(self.root, SHARD_DIR)
-        if not self.fs.exists(folder):
-            return
-        for path in self.fs.ls(folder, detail=False):
-            base = path.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith(".tmp-") and (indices is None or int(base[5:11]) in indices):
-                self.fs.rm(path, recursive=True)
+        """Delete leftovers of crashed writers (only for `indices`, when other ranks are writing).
+
+        Staged shards are `staging/<index>-<tag><suffix>`; caches of format 1.x staged theirs
+        as `shards/.tmp-<index>-<tag><suffix>`."""
+        for folder, prefix in ((STAGING_DIR, ""), (SHARD_DIR, ".tmp-")):
+            path = join(self.root, folder)
+            if not self.fs.isdir(path):
+                continue
+            for entry in self.fs.ls(path, detail=False):
+                base = entry.rstrip("/").rsplit("/", 1)[-1]
+                digits = base[len(prefix) : len(prefix) + 6]
+                ours = indices is None or (digits.isdigit() and int(digits) in indices)
+                if base.startswith(prefix) and digits.isdigit() and ours:
+                    self.fs.rm(entry, recursive=True)
 
     def _write_manifest(self, manifest: Manifest) -> None:
         write_bytes_atomic(self.fs, join(self.root, MANIFEST), to_json(manifest).encode())
+
+
+def file_info(name: str, data: bytes) -> FileInfo:
+    """Size and checksum of one file of the tokenizer copy."""
+    return FileInfo(
+        name=name, nbytes=len(data), checksum="sha256:" + hashlib.sha256(data).hexdigest()
+    )
 
 
 def describe_difference(old: Manifest, new: Manifest) -> str:

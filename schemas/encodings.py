@@ -358,6 +358,19 @@ class TopkEncoding:
     def to_json(self) -> dict[str, Any]:
         return {"ids": self.ids, "values": self.values}
 
+    def describe(self) -> dict[str, Any]:
+        """`to_json` plus the parameters a reader without kdcache needs to decode the values
+        (written into every shard's metadata; see schemas/FORMAT.md)."""
+        out = self.to_json()
+        if self.values in _QUANTIZERS:
+            q = _QUANTIZERS[self.values]
+            out["value_params"] = {
+                "step": q.step,
+                "knee": None if math.isinf(q.knee) else q.knee,
+                "max_code": q.max_code,
+            }
+        return out
+
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TopkEncoding:
         """Parse `to_json` output; unknown names raise ValueError listing the valid ones."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from schemas.errors import CacheCorruptError
+from schemas.fidelity import Fidelity, ShardFidelity
 from schemas.fingerprint import config_fingerprint
 from schemas.record import Layout
 from schemas.version import FORMAT_VERSION, check_readable
@@ -38,6 +39,17 @@ class TeacherInfo:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FileInfo:
+    """One file of the cache's `tokenizer/` copy."""
+
+    name: str
+    """The file name inside `tokenizer/` (no directories)."""
+    nbytes: int
+    checksum: str
+    """`sha256:<hex>` of the file's bytes."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class TokenizerInfo:
     name_or_path: str
     fingerprint: str
@@ -46,6 +58,8 @@ class TokenizerInfo:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    files: tuple[FileInfo, ...] = ()
+    """The files of `tokenizer/`, checksummed (empty in 1.x caches: not checked)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +98,33 @@ class ShardInfo:
     nbytes: int
     checksum: str
     """`sha256:<hex>` of the file (Arrow) or of the group's files in path order (Zarr)."""
+    origin: str | None = None
+    """Fingerprint of the cache this shard was written for, when that is not this cache (a
+    shard that `kdcache merge`, `split` or `subset` took over unchanged); the shard's own
+    metadata must name it."""
+    origin_index: int | None = None
+    """The shard's index in the `origin` cache (its metadata names that one)."""
+    fidelity: ShardFidelity | None = None
+    """Sums measured from the exact values while the shard was written (None: not measured)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceCache:
+    """A cache another one was derived from."""
+
+    url: str
+    """Where it was (credentials removed)."""
+    fingerprint: str
+    dataset_fingerprint: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Derivation:
+    """How a cache was made from others by `kdcache merge`, `split` or `subset`."""
+
+    operation: str
+    sources: tuple[SourceCache, ...]
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +140,10 @@ class Manifest:
     layout: Layout
     encoding: dict[str, Any]
     """`TopkEncoding.to_json()`: how topk_ids and topk_logprobs are stored."""
+    fidelity: Fidelity | None = None
+    """What the teacher's top-k covers and what the encoding loses (`schemas.fidelity`)."""
+    derived: Derivation | None = None
+    """Set on caches made from other caches (merge, split, subset)."""
     shards: tuple[ShardInfo, ...] = ()
     extensions: dict[str, Any] = field(default_factory=dict)
     """Unknown fields kept from a newer minor version (each has `must_understand: false`)."""
@@ -125,8 +170,12 @@ class Manifest:
             teacher.pop("name_or_path")
         tokenizer = dataclasses.asdict(self.tokenizer)
         tokenizer.pop("name_or_path")
+        tokenizer.pop("files")  # the bytes save_pretrained writes vary with library versions
         dataset = dataclasses.asdict(self.dataset)
         dataset.pop("source")
+        layout = dataclasses.asdict(self.layout)
+        if not layout["content_keys"]:  # added in 2.0: 1.x caches keep their fingerprints
+            layout.pop("content_keys")
         return config_fingerprint(
             {
                 "format": self.format,
@@ -134,7 +183,7 @@ class Manifest:
                 "tokenizer": tokenizer,
                 "dataset": dataset,
                 "build": {k: v for k, v in dataclasses.asdict(self.build).items() if k != "config"},
-                "layout": dataclasses.asdict(self.layout),
+                "layout": layout,
                 "encoding": self.encoding,
             }
         )
@@ -157,6 +206,8 @@ class ManifestJSON(TypedDict):
     build: dict[str, Any]
     layout: dict[str, Any]
     encoding: dict[str, Any]
+    fidelity: dict[str, Any] | None
+    derived: dict[str, Any] | None
     shards: list[dict[str, Any]]
 
 
@@ -193,6 +244,13 @@ def parse_manifest(data: object, where: str = "manifest.json") -> Manifest:
     manifest = dataclasses.replace(manifest, extensions=extensions)
     _check_manifest(manifest, where)
     return manifest
+
+
+def parse_shard_info(data: object, where: str) -> ShardInfo:
+    """A `ShardInfo` from decoded JSON (a commit record), checked like a manifest's entries."""
+    info = _parse(ShardInfo, data, where)
+    check_shard_name(info.name, where)
+    return info
 
 
 def _check_manifest(m: Manifest, where: str) -> None:

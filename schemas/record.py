@@ -4,10 +4,14 @@ The Zarr and Arrow layouts, the validators, `ShardRecords` and the docs all deri
 `RECORD_FIELDS`. Dimensions are symbolic: `tokens` (N, the token positions of a shard),
 `sequences` (S), `k`, `temperatures` (the extra distillation temperatures named at build time)
 and `samples` (the number of draws per position; unique ids padded with count 0).
+
+A field with `needs` is present only in caches with that feature (`Layout.has`): extra
+temperatures, samples, and (from format 2.0) content keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -22,7 +26,8 @@ class Field:
     dims: tuple[str, ...]
     meaning: str
     needs: str | None = None
-    """Present only when the cache has this feature: "temperatures" or "samples"."""
+    """Present only when the cache has this feature: "temperatures", "samples" or
+    "content_keys"."""
 
 
 TOKEN = "tokens"
@@ -80,6 +85,15 @@ RECORD_FIELDS: tuple[Field, ...] = (
         (SEQUENCE,),
         "token offset of this sequence inside its source document (long documents are windowed)",
     ),
+    Field(
+        "document_hash",
+        "uint64",
+        (SEQUENCE,),
+        "content key of the source document: the first 8 bytes, read as a little-endian uint64, "
+        "of BLAKE2b (digest_size=8) over all its token ids as little-endian int32; with "
+        "source_start and the sequence length it identifies a window of a document",
+        needs="content_keys",
+    ),
 )
 """All fields; `seq_offsets` (S + 1,) int64 is implied by the sequence structure."""
 
@@ -96,6 +110,8 @@ class Layout:
     vocab_size: int
     temperatures: tuple[float, ...] = ()
     num_samples: int = 0
+    content_keys: bool = False
+    """Sequences carry `document_hash` (every build from format 2.0 on; absent in 1.x caches)."""
 
     def fields(self) -> tuple[Field, ...]:
         """The fields a shard of this layout holds."""
@@ -106,6 +122,7 @@ class Layout:
             feature is None
             or (feature == "temperatures" and bool(self.temperatures))
             or (feature == "samples" and self.num_samples > 0)
+            or (feature == "content_keys" and self.content_keys)
         )
 
     def trailing_shape(self, f: Field) -> tuple[int, ...]:
@@ -139,6 +156,7 @@ class ShardRecords:
     sample_ids: np.ndarray | None = None
     sample_counts: np.ndarray | None = None
     sample_logprobs: np.ndarray | None = None
+    document_hash: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -226,3 +244,10 @@ def empty_records(layout: Layout) -> ShardRecords:
 def record_field_names() -> list[str]:
     """Names of `ShardRecords` data fields (for the check that it matches the table)."""
     return [f.name for f in fields(ShardRecords)]
+
+
+def document_hash(token_ids: np.ndarray) -> int:
+    """The content key of a document (see the `document_hash` field): anyone holding the same
+    token ids computes the same number, so a cache can be checked against one's own data."""
+    digest = hashlib.blake2b(np.asarray(token_ids, dtype="<i4").tobytes(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")

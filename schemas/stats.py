@@ -1,4 +1,9 @@
-"""What `kdcache inspect` reports: the manifest in brief and statistics of the teacher."""
+"""What `kdcache inspect` reports: the manifest in brief and how faithful the cache is.
+
+A cache of format 2.0 or later carries the fidelity its build measured from the exact logits
+(`schemas.fidelity`), so nothing but the manifest is read. For a 1.x cache the teacher
+statistics are estimated from a sample of its stored tokens instead.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,16 @@ from schemas.cache import Cache
 
 
 def describe(cache: Cache, *, sample_tokens: int = 20_000, seed: int = 0) -> dict[str, Any]:
-    """A JSON-ready summary of `cache`, with teacher statistics from a sample of tokens."""
+    """A JSON-ready summary of `cache`: the manifest's facts and its fidelity block (or, for a
+    1.x cache, teacher statistics from a sample of tokens)."""
     m = cache.manifest
     tokens = m.num_tokens
+    fidelity = dataclasses.asdict(m.fidelity) if m.fidelity else None
     return {
         "url": cache.url,
         "status": m.status,
         "schema_version": m.schema_version,
+        "created_by": m.created_by,
         "format": m.format,
         "teacher": dataclasses.asdict(m.teacher),
         "tokenizer": dataclasses.asdict(m.tokenizer),
@@ -32,7 +40,11 @@ def describe(cache: Cache, *, sample_tokens: int = 20_000, seed: int = 0) -> dic
         "tokens": tokens,
         "bytes": m.nbytes,
         "bytes_per_token": m.nbytes / tokens if tokens else None,
-        "teacher_stats": teacher_stats(cache, sample_tokens=sample_tokens, seed=seed),
+        "derived": dataclasses.asdict(m.derived) if m.derived else None,
+        "fidelity": fidelity,
+        "teacher_stats": (
+            None if fidelity else teacher_stats(cache, sample_tokens=sample_tokens, seed=seed)
+        ),
     }
 
 

@@ -65,6 +65,8 @@ def random_records(
         source_start=rng.integers(0, 4096, len(lengths)).astype(np.int64),
         seq_offsets=offsets,
     )
+    if layout.content_keys:
+        arrays["document_hash"] = rng.integers(0, 2**64, len(lengths), dtype=np.uint64)
     if layout.temperatures:
         arrays["temp_lse"] = (
             np.stack([np.logaddexp.reduce(logits / t, axis=1) for t in layout.temperatures], axis=1)
@@ -95,8 +97,15 @@ def layouts_and_lengths(draw: st.DrawFn) -> tuple[Layout, list[int], int]:
     lengths = draw(st.lists(st.integers(0, 12) | st.just(1), min_size=0, max_size=5))
     if vocab > 1000:  # keep dense reference logits small
         lengths = lengths[:2]
+    keys = draw(st.booleans())
     return (
-        Layout(k=k, vocab_size=vocab, temperatures=temperatures, num_samples=samples),
+        Layout(
+            k=k,
+            vocab_size=vocab,
+            temperatures=temperatures,
+            num_samples=samples,
+            content_keys=keys,
+        ),
         lengths,
         draw(st.integers(0, 2**31)),
     )
@@ -107,9 +116,7 @@ def stored(records: ShardRecords, layout: Layout, encoding: TopkEncoding) -> Sha
 
     Equal to `records` for a lossless encoding; within the encoding's error bound otherwise.
     """
-    columns = _columns.encode(records, layout, encoding)
-    sequences = {name: getattr(records, name) for name in _columns.sequence_columns()}
-    return _columns.decode(columns, sequences, records.seq_offsets, layout, encoding)
+    return _columns.from_stored(_columns.to_stored(records, layout, encoding), layout, encoding)
 
 
 class ShardBackendTests:
@@ -181,7 +188,20 @@ class ShardBackendTests:
         with pytest.raises(RuntimeError), writer as w:
             w.write(random_records(layout, [3], 0))
             raise RuntimeError("crash mid-shard")
-        assert fs.ls(f"{root}/shards", detail=False) == []
+        assert not fs.exists(f"{root}/shards")
+        assert fs.ls(f"{root}/staging", detail=False) == []
+
+    def test_unfinished_shards_stay_out_of_shards_folder(self, tmp_path: Any) -> None:
+        """A glob over shards/ sees committed-to-be shards only once they are finished."""
+        layout = Layout(k=2, vocab_size=10)
+        fs, root = resolve(str(tmp_path))
+        writer = BACKENDS[self.format].writer(fs, root, 0, layout, self.encoding, self.identity)
+        with writer as w:
+            w.write(random_records(layout, [3], 0))
+            assert not fs.exists(f"{root}/shards") or fs.ls(f"{root}/shards") == []
+            info = w.finalize()
+        assert fs.ls(f"{root}/staging", detail=False) == []
+        assert fs.exists(f"{root}/{info.name}")
 
     def test_wrong_shapes_are_refused(self, tmp_path: Any) -> None:
         layout = Layout(k=3, vocab_size=10)

@@ -1,21 +1,29 @@
 """The cache format version and the rule for who may read what.
 
-`major.minor`: a reader reads every cache of its own major version (a newer minor only adds
-fields marked `must_understand: false`) and refuses a newer major version by name.
+`major.minor`. A reader reads every cache of its own major version (a newer minor only adds
+fields marked `must_understand: false`) and of the older majors in `READABLE_MAJORS`, whose
+missing features it knows to be absent; it refuses a newer major version by name. Every change
+is logged in CHANGELOG.md.
 """
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _package_version
+
 from schemas.errors import IncompatibleCacheError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "2.0"
 """Bump the minor for additions old readers may ignore, the major for anything else."""
+
+READABLE_MAJORS = (1, 2)
+"""1.x caches lack content keys, shard layout metadata, fidelity and tokenizer checksums."""
 
 
 def parse_version(text: str) -> tuple[int, int]:
     major, _, minor = str(text).partition(".")
-    if not (major.isdigit() and minor.isdigit()):
-        raise ValueError(f"schema_version must look like '1.0', got {text!r}")
+    if not (major.isdigit() and minor.isdigit() and len(major) <= 6 and len(minor) <= 6):
+        raise ValueError(f"schema_version must look like '2.0', got {str(text)[:40]!r}")
     return int(major), int(minor)
 
 
@@ -28,8 +36,16 @@ def check_readable(version: str, where: str) -> None:
             f"{where} has schema_version {version}, newer than this kdcache reads ({FORMAT_VERSION})",
             hint="upgrade kdcache (pip install -U kdcache) to read it",
         )
-    if major < ours:
+    if major not in READABLE_MAJORS:
         raise IncompatibleCacheError(
             f"{where} has schema_version {version}, older than this kdcache reads ({FORMAT_VERSION})",
             hint="rebuild the cache with this kdcache, or read it with the kdcache that made it",
         )
+
+
+def producer() -> str:
+    """What a manifest's `created_by` says: this package and its version."""
+    try:
+        return f"kdcache {_package_version('kdcache')}"
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "kdcache (source tree)"

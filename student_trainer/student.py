@@ -43,16 +43,20 @@ def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str
         config = AutoConfig.for_model(**data)
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tok_source = cfg.tokenizer or cache.tokenizer_path()
+        tok_source = cfg.tokenizer
         what = f"fresh student from {config_path}" + (
             " (the embedded default)" if cfg.student_config is None else ""
         )
-        if tok_source is None:
+        if tok_source is None and not cache.has_tokenizer():
             raise ConfigError(
                 "the cache holds no tokenizer copy and no --tokenizer was given",
                 hint="pass --tokenizer PATH",
             )
-    tokenizer = AutoTokenizer.from_pretrained(_local(tok_source, cache))
+    if tok_source is None:
+        with cache.tokenizer_files() as folder:  # checked against the manifest, then removed
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source)
     check_tokenizer(tokenizer, cache, cfg.allow_vocab_extension)
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab < cache.layout.vocab_size:
@@ -69,10 +73,11 @@ def check_tokenizer(tokenizer: object, cache: Cache, allow_extension: bool) -> N
     got = tokenizer_fingerprint(tokenizer)  # type: ignore[arg-type]
     if got == expected.fingerprint:
         return
-    if allow_extension and cache.tokenizer_path():
+    if allow_extension and cache.has_tokenizer():
         from transformers import AutoTokenizer
 
-        base = AutoTokenizer.from_pretrained(_local(cache.tokenizer_path(), cache))
+        with cache.tokenizer_files() as folder:
+            base = AutoTokenizer.from_pretrained(folder)
         if vocab_extends(base.get_vocab(), tokenizer.get_vocab()):  # type: ignore[attr-defined]
             return
     raise IncompatibleCacheError(
@@ -80,19 +85,6 @@ def check_tokenizer(tokenizer: object, cache: Cache, allow_extension: bool) -> N
         f"cache's ({expected.name_or_path}, {expected.fingerprint[:19]})",
         hint="use a student with the teacher's tokenizer, or --allow-vocab-extension if it only adds tokens",
     )
-
-
-def _local(path: str, cache: Cache) -> str:
-    """A local directory for `path`, downloading the cache's tokenizer copy from remote storage."""
-    from schemas.storage import is_local
-
-    if is_local(cache.fs) or not path.startswith(cache.root):
-        return path
-    import tempfile
-
-    target = tempfile.mkdtemp(prefix="kdcache-tokenizer-")
-    cache.fs.get(path.rstrip("/") + "/", target + "/", recursive=True)
-    return target
 
 
 def _default_student_config() -> Path:

@@ -99,7 +99,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, do
 
 
 def temporaries(cache: Path) -> list[str]:
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob(".tmp-*"))
+    """Atomic-write temporaries and staged shards left anywhere in the cache."""
+    staged = list((cache / "staging").iterdir()) if (cache / "staging").is_dir() else []
+    return sorted(str(p.relative_to(cache)) for p in [*cache.rglob(".tmp-*"), *staged])
 
 
 def assert_same_cache(cache: Path, reference: Path) -> None:
@@ -128,9 +130,9 @@ def committed(cache: Path) -> int:
 
 
 def writing(cache: Path) -> bool:
-    """Has this run started writing shards (a shard temporary exists)?"""
-    shards = cache / "shards"
-    return shards.is_dir() and any(p.name.startswith(".tmp-") for p in shards.iterdir())
+    """Has this run started writing shards (a staged shard exists)?"""
+    staging = cache / "staging"
+    return staging.is_dir() and any(staging.iterdir())
 
 
 def run_and_kill(
@@ -312,7 +314,7 @@ def test_disk_full_lists_only_whole_shards_and_a_rerun_completes(
     real_write = LocalFileOpener.write
 
     def full_at_shard_2(self: LocalFileOpener, data: bytes) -> int:
-        if ".tmp-000002-" in self.path:
+        if "/staging/000002-" in self.path:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(self, data)
 

@@ -292,7 +292,7 @@ def remote_run(cache: str, out: Path, student_config: str, **overrides) -> Train
 
 
 def test_training_from_memory_url_equals_local(built_cache, tiny_llama_dir, tmp_path) -> None:
-    assert open_cache(built_cache).tokenizer_path() is not None
+    assert open_cache(built_cache).has_tokenizer()
     student = fresh_student_config(tiny_llama_dir, tmp_path)
     fs = fsspec.filesystem("memory")
     fs.put(built_cache, "/kdcache-train/cache", recursive=True)

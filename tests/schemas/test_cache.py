@@ -61,10 +61,15 @@ def test_manifest_round_trips_and_refuses_the_future() -> None:
     m = draft()
     assert parse_manifest(json.loads(to_json(m))) == m
     data = json.loads(to_json(m))
-    data["schema_version"] = "2.0"
-    with pytest.raises(IncompatibleCacheError, match=r"2\.0"):
+    data["schema_version"] = "3.0"
+    with pytest.raises(IncompatibleCacheError, match=r"3\.0.*newer"):
         parse_manifest(data)
-    data["schema_version"] = "1.7"  # a newer minor: readable
+    data["schema_version"] = "0.9"
+    with pytest.raises(IncompatibleCacheError, match=r"0\.9.*older"):
+        parse_manifest(data)
+    data["schema_version"] = "2.7"  # a newer minor: readable
+    assert parse_manifest(data).layout == m.layout
+    data["schema_version"] = "1.0"  # an older major this kdcache still reads
     assert parse_manifest(data).layout == m.layout
 
 
@@ -206,9 +211,11 @@ def test_validate_and_inspect_on_a_good_cache(tmp_path) -> None:
     out = CliRunner().invoke(main, ["inspect", str(tmp_path / "c"), "--json"])
     info = json.loads(out.output)
     assert info["k"] == 4 and info["tokens"] == 36 and info["bytes_per_token"] > 0
-    assert 0 < info["teacher_stats"]["mean_top1_prob"] <= 1
+    fid = info["fidelity"]  # measured by the shard writers, shown from the manifest alone
+    assert fid["positions"] == 36 and 0 < fid["mean_tail_mass"] < 1
+    assert fid["encoding_max_abs_logprob_error"] > 0 and info["teacher_stats"] is None
     text = CliRunner().invoke(main, ["inspect", str(tmp_path / "c")])
-    assert "bytes/token" in text.output and "top-1 p" in text.output
+    assert "bytes/token" in text.output and "tail mass" in text.output
 
 
 def test_deep_validate_finds_bad_records(tmp_path) -> None:
