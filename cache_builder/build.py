@@ -3,7 +3,7 @@
 dataset -> tokens -> segments -> plan (shards, fingerprint)
 per shard of this rank: packed batches -> teacher forward -> top-k & friends on the device
                         -> pinned host copy -> records -> shard writer (worker thread)
-                        -> finalize -> commit
+                        -> seal -> commit record -> move into shards/
 rank 0: manifest marked complete once every shard is committed
 """
 
@@ -37,7 +37,7 @@ from schemas.errors import KdcacheError
 from schemas.fingerprint import StreamHasher
 from schemas.manifest import BuildSettings, DatasetInfo, Manifest, TeacherInfo, TokenizerInfo
 from schemas.record import Layout
-from schemas.storage import join, public_location
+from schemas.storage import check_url, join, public_location
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class BuildResult:
 
 def build(cfg: BuildConfig) -> BuildResult:
     """Build (or resume, or confirm) the cache `cfg.out` describes."""
+    check_url(cfg.out, "--out")  # a bad scheme fails now, not after the data pass
     start = time.perf_counter()
     ranks = Ranks.from_env()
     say = _say if ranks.is_main else _quiet
@@ -145,6 +146,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         committed = writer.committed()
         mine = plan.for_rank(ranks.rank, ranks.world_size)
         todo = [s for s in mine if s.index not in committed]
+        writer.recover({s.index for s in mine})  # a move a killed run began
         writer.remove_temporaries({s.index for s in mine})
         if len(todo) < len(mine):
             say(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards are already committed")
@@ -222,7 +224,7 @@ def _run(
                     )
                     bar.update(batch.num_tokens)
                     done += batch.num_tokens
-                worker.submit(lambda out=out: writer.commit(out.finalize()))
+                worker.submit(lambda out=out: writer.commit_shard(out))
             worker.drain()
     finally:
         worker.close()

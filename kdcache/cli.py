@@ -19,20 +19,41 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly_errors(fn: F) -> F:
-    """Turn kdcache's own errors (and a missing file) into one clear line, never a traceback."""
+    """Turn kdcache's own errors, and a disk or store failing where kdcache did not wrap it
+    (OSError, botocore, aiohttp), into one clear line, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from schemas.errors import KdcacheError
+        from schemas.errors import KdcacheError, one_line
+        from schemas.storage import storage_failures
 
         try:
             return fn(*args, **kwargs)
         except KdcacheError as exc:
             raise click.ClickException(str(exc)) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            raise click.ClickException(f"{exc}") from None
+        except storage_failures() as exc:
+            text = f"{exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            raise click.ClickException(one_line(text)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def cache_url(option: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that refuses a URL whose scheme fsspec cannot open, naming `option`,
+    while the options are parsed: before a build reads its dataset or a train loads torch."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        from schemas.errors import KdcacheError
+        from schemas.storage import check_url
+
+        try:
+            if value is not None:
+                check_url(value, option)
+        except KdcacheError as exc:
+            raise click.ClickException(str(exc)) from None
+        return value
+
+    return check
 
 
 def storage_option(fn: F) -> F:
@@ -90,6 +111,10 @@ def main() -> None:
       kdcache train  --cache CACHE --student MODEL --out DIR       stage two: distil a student
       kdcache inspect CACHE                                        what a cache holds
       kdcache validate CACHE [--deep]                              is a cache intact
+      kdcache merge CACHE... --out CACHE                           one cache, each document once
+      kdcache split CACHE --val-fraction F --out-train A --out-val B
+                                                                   train/val by whole documents
+      kdcache subset CACHE --max-tokens N --out CACHE              its first sequences, <= N tokens
       kdcache demo                                                 both stages on the embedded default
 
     CACHE is a local directory or an fsspec URL (s3://..., gs://..., memory://...).
@@ -97,7 +122,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("cache")
+@click.argument("cache", callback=cache_url("CACHE"))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option(
     "--sample-tokens",
@@ -148,7 +173,8 @@ def _format_inspect(info: dict[str, Any]) -> str:
             f"fidelity     tail mass {fid['mean_tail_mass']:.4f}   top-k entropy "
             f"{fid['mean_topk_entropy_nats']:.3f} nats   label in top-k "
             + (f"{label:.3f}" if label is not None else "n/a")
-            + f"   (all {fid['positions']} positions, measured at build)"
+            + f"   (all {fid['positions']} positions, "
+            + ("from the source shards)" if info.get("derived") else "measured at build)")
         )
         lines.append(
             f"encoding     max |log-prob error| {fid['encoding_max_abs_logprob_error']:.2e}   "
@@ -165,7 +191,7 @@ def _format_inspect(info: dict[str, Any]) -> str:
 
 
 @main.command()
-@click.argument("cache")
+@click.argument("cache", callback=cache_url("CACHE"))
 @click.option("--deep", is_flag=True, help="Also decode every record and check its invariants.")
 @storage_option
 @friendly_errors
@@ -207,6 +233,7 @@ def _floats(text: str | None) -> tuple[float, ...]:
 @click.option(
     "--out",
     required=True,
+    callback=cache_url("--out"),
     help="Where the cache goes: a directory or an fsspec URL (s3://bucket/cache).",
 )
 @click.option("--revision", help="Git revision of a hub teacher.")
@@ -368,7 +395,12 @@ class _LazyChoice(click.Choice):
 
 
 @main.command(cls=_TrainCommand)
-@click.option("--cache", required=True, help="The teacher cache (directory or fsspec URL).")
+@click.option(
+    "--cache",
+    required=True,
+    callback=cache_url("--cache"),
+    help="The teacher cache (directory or fsspec URL).",
+)
 @click.option(
     "--out",
     required=True,
@@ -434,7 +466,9 @@ class _LazyChoice(click.Choice):
 )
 @click.option("--resume", is_flag=True, help="Continue exactly from the checkpoint in --out.")
 @click.option(
-    "--eval-cache", help="Held-out cache: student CE, KL to teacher top-k, top-1 agreement."
+    "--eval-cache",
+    callback=cache_url("--eval-cache"),
+    help="Held-out cache: student CE, KL to teacher top-k, top-1 agreement.",
 )
 @click.option(
     "--eval-every", default=0, show_default=True, help="Evaluate every N steps (0: at the end)."
@@ -458,7 +492,12 @@ class _LazyChoice(click.Choice):
     "step runs out of memory.",
 )
 @click.option(
-    "--skip-bad-shards", is_flag=True, help="Count and skip shards that fail their checksum."
+    "--skip-bad-shards",
+    is_flag=True,
+    help="Count and skip bad shards instead of stopping: missing ones, ones that fail their "
+    "checksum, whose own metadata disagrees with the manifest, or whose records fail the "
+    "content checks (ids outside the vocabulary, NaN log-probs, broken offsets, ...). The "
+    "result names the skipped shards.",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @storage_option
@@ -493,3 +532,137 @@ def demo(out: str, steps: int | None) -> None:
     from kdcache.demo import run_demo
 
     click.echo(run_demo(out, steps=steps))
+
+
+_OVERWRITE_HELP = (
+    "Replace a cache at the output made with other settings, or write into a non-empty "
+    "directory that holds no cache."
+)
+
+
+@main.command()
+@click.argument("caches", nargs=-1, required=True, metavar="CACHE...")
+@click.option(
+    "--out", required=True, callback=cache_url("--out"), help="Where the merged cache goes."
+)
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@storage_option
+@friendly_errors
+def merge(
+    caches: tuple[str, ...], out: str, overwrite: bool, storage_option: tuple[str, ...]
+) -> None:
+    """Merge caches into one, keeping each document once.
+
+    \b
+    Only caches that mean the same merge: the same teacher (weights hash), tokenizer, format,
+    layout, encoding and build settings (k, max length, packing, samples, temperatures, dtype);
+    otherwise the command names the first setting that differs. All must be complete caches of
+    format 2.0 or later (they carry content keys; rebuild older ones).
+
+    \b
+    A document (same content key, document_hash) held by several caches is kept from the first
+    CACHE that holds it, all its windows; later caches drop every sequence of it. Shards with
+    nothing dropped are hard-linked on a local disk and copied by the store itself on object
+    stores; the others are rewritten, their stored bytes unchanged. Re-running a killed merge
+    resumes it.
+
+    \b
+    Example:
+      kdcache merge s3://team/caches/web-k64 s3://team/caches/code-k64 \\
+                    --out s3://team/caches/web+code-k64
+    """
+    from schemas.derive import merge_caches
+
+    options = _storage_options(storage_option)
+    click.echo(merge_caches(caches, out, overwrite=overwrite, **options).summary())
+
+
+@main.command()
+@click.argument("cache", callback=cache_url("CACHE"))
+@click.option(
+    "--val-fraction",
+    type=float,
+    required=True,
+    help="Share of the tokens that goes to the val part (at least this much, by whole documents).",
+)
+@click.option(
+    "--out-train",
+    required=True,
+    callback=cache_url("--out-train"),
+    help="Where the train part goes.",
+)
+@click.option(
+    "--out-val", required=True, callback=cache_url("--out-val"), help="Where the val part goes."
+)
+@click.option("--seed", default=0, show_default=True, help="Which documents go to val.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@storage_option
+@friendly_errors
+def split(
+    cache: str,
+    val_fraction: float,
+    out_train: str,
+    out_val: str,
+    seed: int,
+    overwrite: bool,
+    storage_option: tuple[str, ...],
+) -> None:
+    """Split CACHE into train and val by whole documents: all windows of a document (same
+    content key) go to the same side, so nothing of a val document is trained on.
+
+    \b
+    Documents are ordered by a hash of (seed, content key) and taken into val until val holds
+    at least --val-fraction of the tokens; the rest is train. The same seed gives the same split
+    of the same cache, whatever its shard order. Shards wholly on one side are hard-linked (or
+    copied by the store); the others are rewritten, their stored bytes unchanged.
+
+    \b
+    Example:
+      kdcache split s3://team/caches/web-k64 --val-fraction 0.02 --seed 0 \\
+                    --out-train s3://team/caches/web-k64-train --out-val s3://team/caches/web-k64-val
+    """
+    from schemas.derive import split_cache
+
+    result = split_cache(
+        cache,
+        val_fraction=val_fraction,
+        out_train=out_train,
+        out_val=out_val,
+        seed=seed,
+        overwrite=overwrite,
+        **_storage_options(storage_option),
+    )
+    click.echo(result.summary())
+
+
+@main.command()
+@click.argument("cache", callback=cache_url("CACHE"))
+@click.option("--max-tokens", type=int, required=True, help="The most tokens the subset holds.")
+@click.option("--out", required=True, callback=cache_url("--out"), help="Where the subset goes.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@storage_option
+@friendly_errors
+def subset(
+    cache: str, max_tokens: int, out: str, overwrite: bool, storage_option: tuple[str, ...]
+) -> None:
+    """The start of CACHE: its sequences in cache order (shard by shard), whole, up to the
+    first one that would take the total past --max-tokens. The subset never holds more than
+    --max-tokens tokens, and holds fewer when a sequence does not fit (it stops there; no later,
+    shorter sequence is picked instead). Documents windowed across that point are cut.
+
+    \b
+    Whole shards are hard-linked (or copied by the store); the last, partial one is rewritten,
+    its stored bytes unchanged.
+
+    \b
+    Example (a quick trial on the first 10M tokens of a cache):
+      kdcache subset s3://team/caches/web-k64 --max-tokens 10000000 --out ./web-k64-10M
+    """
+    from schemas.derive import subset_cache
+
+    options = _storage_options(storage_option)
+    click.echo(
+        subset_cache(
+            cache, max_tokens=max_tokens, out=out, overwrite=overwrite, **options
+        ).summary()
+    )

@@ -9,6 +9,7 @@ without a deep-learning stack:
 """
 
 from schemas.cache import BACKENDS, Cache, CacheWriter, open_cache
+from schemas.derive import DeriveResult, merge_caches, merge_differences, split_cache, subset_cache
 from schemas.encodings import TopkEncoding
 from schemas.errors import (
     CacheCorruptError,
@@ -16,6 +17,7 @@ from schemas.errors import (
     ConfigError,
     IncompatibleCacheError,
     KdcacheError,
+    StorageError,
 )
 from schemas.manifest import Manifest, ShardInfo, parse_manifest
 from schemas.record import RECORD_FIELDS, Layout, ShardRecords
@@ -30,13 +32,19 @@ __all__ = [
     "CacheNotFoundError",
     "CacheWriter",
     "ConfigError",
+    "DeriveResult",
     "IncompatibleCacheError",
     "KdcacheError",
     "Layout",
     "Manifest",
     "ShardInfo",
     "ShardRecords",
+    "StorageError",
     "TopkEncoding",
+    "merge_caches",
+    "merge_differences",
     "open_cache",
     "parse_manifest",
+    "split_cache",
+    "subset_cache",
 ]

@@ -20,7 +20,7 @@ from schemas._columns import StoredShard
 from schemas.backend import IDENTITY_KEY, ShardReader, ShardWriter
 from schemas.encodings import Column, TopkEncoding
 from schemas.record import Layout
-from schemas.storage import checksum_file, is_local
+from schemas.storage import checksum_file, read_declared
 
 SUFFIX = ".arrow"
 _ZSTD_LEVEL = 3
@@ -85,10 +85,10 @@ class ArrowShardWriter(ShardWriter):
 class ArrowShardReader(ShardReader):
     def _open(self) -> pa.ipc.RecordBatchFileReader:
         try:
-            if is_local(self.fs):
-                return pa.ipc.open_file(pa.memory_map(self.path, "r"))
-            with self.fs.open(self.path, "rb") as f:
-                return pa.ipc.open_file(pa.py_buffer(f.read()))
+            # Memory-mapped when local (a regular file, no link), refused unless it has the
+            # size the manifest declares: nothing past that is ever mapped or read.
+            data = read_declared(self.fs, self.path, self.info.nbytes, root=self.root)
+            return pa.ipc.open_file(pa.py_buffer(data))
         except (pa.ArrowInvalid, OSError) as exc:
             raise self._corrupt(exc) from exc
 
@@ -118,7 +118,7 @@ class ArrowShardReader(ShardReader):
         )
 
     def _checksum(self, path: str) -> tuple[str, int]:
-        return checksum_file(self.fs, path)
+        return checksum_file(self.fs, path, root=self.root, declared=self.info.nbytes)
 
 
 def _flatten(column: pa.ChunkedArray, col: Column) -> np.ndarray:

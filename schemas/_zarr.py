@@ -19,7 +19,7 @@ from schemas import _columns
 from schemas._columns import StoredShard, concat_stored, to_stored
 from schemas.backend import IDENTITY_KEY, ShardReader, ShardWriter
 from schemas.record import empty_records
-from schemas.storage import checksum_tree, is_local
+from schemas.storage import check_tree_size, checksum_tree, is_local
 
 SUFFIX = ".zarr"
 CHUNK_TOKENS = 1 << 16
@@ -94,6 +94,9 @@ class ZarrShardWriter(ShardWriter):
 
 class ZarrShardReader(ShardReader):
     def _group(self) -> zarr.Group:
+        # zarr's LocalStore opens files by name, following links: first make sure the group
+        # holds no link or special file and only the bytes the manifest declares.
+        check_tree_size(self.fs, self.path, self.info.nbytes, root=self.root)
         try:
             return zarr.open_group(_store(self.fs, self.path, True), mode="r", zarr_format=3)
         except Exception as exc:  # zarr raises several unrelated types for a damaged group
@@ -122,4 +125,22 @@ class ZarrShardReader(ShardReader):
         )
 
     def _checksum(self, path: str) -> tuple[str, int]:
-        return checksum_tree(self.fs, path)
+        return checksum_tree(self.fs, path, root=self.root, declared=self.info.nbytes)
+
+    def missing_chunks(self) -> list[str]:
+        """One line per array with fewer chunks stored than its shape needs.
+
+        Zarr reads an unstored chunk as the fill value (zeros), so a chunk lost in a copy, with
+        the manifest's checksum edited to match, decodes without an error; `validate --deep`
+        asks this.
+        """
+        try:
+            arrays = sorted(self._group().arrays())
+            counts = [(name, arr.nchunks_initialized, arr.nchunks) for name, arr in arrays]
+        except Exception as exc:  # zarr raises several unrelated types for a damaged group
+            raise self._corrupt(exc) from exc
+        return [
+            f"{name}: {stored} of {expected} chunks stored (the rest read back as zeros)"
+            for name, stored, expected in counts
+            if stored < expected
+        ]

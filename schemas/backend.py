@@ -4,12 +4,13 @@ A shard holds whole sequences. Writers are context managers with a commit:
 
     with backend.writer(fs, root, index, layout, encoding, identity) as w:
         w.write(records)          # any number of times (or w.write_stored(stored))
-        info = w.finalize()       # closes, checksums, moves into shards/ -> ShardInfo
+        info = w.seal()           # closes and checksums, still in staging/ -> ShardInfo
 
-Until `finalize` returns, everything lives under `staging/` at the cache root, where no reader
-and no glob over `shards/` looks; an exception inside the `with` removes it. Listing the
-returned `ShardInfo` in the manifest is what makes the shard part of the cache (see
-`schemas.cache`).
+Until it is published, everything lives under `staging/` at the cache root, where no reader
+and no glob over `shards/` looks; an exception inside the `with` removes it. In a cache,
+`CacheWriter.commit_shard` seals, writes the commit record, then publishes (moves the shard
+into `shards/`): so `shards/` only ever holds committed shards (see `schemas.cache`).
+`finalize` seals and publishes at once, for a shard written on its own.
 
 Both backends store the same encoded columns (`schemas._columns`), so the records they hand
 back are equal bit for bit. Every shard also carries its own metadata (`IDENTITY_KEY`): the
@@ -108,15 +109,12 @@ class ShardWriter(ABC):
         self.num_tokens += stored.num_tokens
         self.num_sequences += stored.num_sequences
 
-    def finalize(self) -> ShardInfo:
-        """Close, checksum, and move the shard to its final name; return what to list."""
+    def seal(self) -> ShardInfo:
+        """Close and checksum the staged shard; return what to list. It stays in `staging/`
+        (at `tmp_path`) until `publish_shard` moves it: `CacheWriter.commit_shard` writes the
+        commit record in between, so no shard sits in `shards/` without one."""
         self._close()
         checksum, nbytes = self._checksum(self.tmp_path)
-        final = join(self.root, self.name)
-        if self.fs.exists(final):  # moved by a crashed run but never committed: never listed
-            self.fs.rm(final, recursive=True)
-        self.fs.makedirs(join(self.root, SHARD_DIR), exist_ok=True)
-        move_tree(self.fs, self.tmp_path, final)
         self._done = True
         return ShardInfo(
             name=self.name,
@@ -127,6 +125,12 @@ class ShardWriter(ABC):
             checksum=checksum,
             fidelity=self.fidelity,
         )
+
+    def finalize(self) -> ShardInfo:
+        """Seal the shard and move it into `shards/` at once (a shard outside a cache)."""
+        info = self.seal()
+        publish_shard(self.fs, self.root, self.tmp_path, info.name)
+        return info
 
     def abort(self) -> None:
         self._done = True
@@ -148,6 +152,15 @@ class ShardWriter(ABC):
 
     @abstractmethod
     def _checksum(self, path: str) -> tuple[str, int]: ...
+
+
+def publish_shard(fs: AbstractFileSystem, root: str, staged: str, name: str) -> None:
+    """Move a sealed shard from `staged` to its name in `shards/`, replacing a leftover there."""
+    final = join(root, name)
+    if fs.exists(final):  # a move a killed run began (the record says it is committed)
+        fs.rm(final, recursive=True)
+    fs.makedirs(join(root, SHARD_DIR), exist_ok=True)
+    move_tree(fs, staged, final)
 
 
 class ShardReader(ABC):
@@ -244,5 +257,8 @@ class ShardReader(ABC):
 
 
 def _brief(value: object) -> str:
-    text = json.dumps(value, sort_keys=True)
+    try:
+        text = json.dumps(value, sort_keys=True)
+    except (RecursionError, ValueError):  # metadata nested deeper than this stack can print
+        text = f"a {type(value).__name__} nested too deep to print"
     return text if len(text) <= 80 else text[:77] + "..."

@@ -74,10 +74,12 @@ def measure(records: ShardRecords, encoding: TopkEncoding, vocab_size: int) -> S
     n = records.num_tokens
     if n == 0:
         return ShardFidelity()
-    lp = records.topk_logprobs.astype(np.float64)  # (N, k)
-    p = np.exp(lp)
-    renorm = p / np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
-    entropy = -np.where(renorm > 0, renorm * np.log(np.maximum(renorm, 1e-300)), 0.0).sum(axis=1)
+    lp = records.topk_logprobs  # (N, k) float32
+    p = np.exp(lp)  # (N, k)
+    # Entropy of p renormalised by its sum Z: log Z - sum(p log p) / Z (one exp, no log per id).
+    z = p.sum(axis=1, dtype=np.float64)  # (N,)
+    plogp = np.where(p > 0, p * lp, 0.0).sum(axis=1, dtype=np.float64)  # (N,)
+    entropy = np.log(np.maximum(z, 1e-300)) - plogp / np.maximum(z, 1e-300)
     # The next token of position t is input t + 1 of the same sequence.
     has_next = np.ones(n, dtype=bool)
     ends = records.seq_offsets[1:][np.diff(records.seq_offsets) > 0] - 1

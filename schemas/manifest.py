@@ -3,7 +3,9 @@
 `Manifest` is a frozen dataclass; `ManifestJSON` is its JSON shape. `parse_manifest` trusts
 nothing: every field is checked by a small parser that raises `CacheCorruptError` naming the
 field, and a newer major schema version is refused by name. Unknown top-level fields are
-rejected unless they are objects that say `"must_understand": false`.
+rejected unless they are objects that say `"must_understand": false`. A cache is untrusted
+input, so every number, string, list and free-form block is also bounded
+(`schemas._jsonparse`), and so is the size of the manifest itself (`MAX_MANIFEST_BYTES`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from schemas.errors import CacheCorruptError
+from schemas._jsonparse import check_json, parse_dataclass, show
+from schemas.encodings import TopkEncoding
+from schemas.errors import CacheCorruptError, ConfigError
 from schemas.fidelity import Fidelity, ShardFidelity
 from schemas.fingerprint import config_fingerprint
 from schemas.record import Layout
@@ -25,6 +28,15 @@ from schemas.version import FORMAT_VERSION, check_readable
 FORMATS = ("zarr", "arrow")
 STATUSES = ("building", "complete")
 SHARD_DIR = "shards"
+
+MAX_MANIFEST_BYTES = 64 << 20
+"""The largest manifest.json kdcache reads or writes: about 90,000 shards (a few hundred
+bytes each); a cache that needs more should use larger shards (--shard-tokens)."""
+MAX_COMMIT_BYTES = 1 << 20
+"""The largest commit record (one `ShardInfo`, well under a kilobyte when honest)."""
+MAX_TOKENIZER_FILE_BYTES = 256 << 20
+MAX_TOKENIZER_BYTES = 1 << 30
+"""Bounds on the declared sizes of the `tokenizer/` copy, which is read into memory."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,9 +224,17 @@ class ManifestJSON(TypedDict):
 
 
 def to_json(manifest: Manifest) -> str:
+    """The manifest's JSON text; `ConfigError` if readers would refuse it as too large."""
     data = dataclasses.asdict(manifest)
     data.update(data.pop("extensions"))
-    return json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    if len(text) > MAX_MANIFEST_BYTES:  # characters are bytes: json.dumps escapes non-ASCII
+        raise ConfigError(
+            f"the manifest of {len(manifest.shards)} shards would be {len(text) >> 20} MiB, "
+            f"more than the {MAX_MANIFEST_BYTES >> 20} MiB a reader accepts",
+            hint="build with a larger --shard-tokens, so that fewer shards hold the tokens",
+        )
+    return text
 
 
 def parse_manifest(data: object, where: str = "manifest.json") -> Manifest:
@@ -237,10 +257,11 @@ def parse_manifest(data: object, where: str = "manifest.json") -> Manifest:
             extensions[key] = value
         else:
             raise CacheCorruptError(
-                f"{where} has field {key!r} this kdcache does not understand",
+                f"{where} has field {show(key)} this kdcache does not understand",
                 hint="upgrade kdcache, or mark the field with must_understand: false",
             )
-    manifest = _parse(Manifest, {k: v for k, v in data.items() if k in known}, where)
+        check_json(value, f"{where}: {show(key)}")
+    manifest = parse_dataclass(Manifest, {k: v for k, v in data.items() if k in known}, where)
     manifest = dataclasses.replace(manifest, extensions=extensions)
     _check_manifest(manifest, where)
     return manifest
@@ -248,26 +269,60 @@ def parse_manifest(data: object, where: str = "manifest.json") -> Manifest:
 
 def parse_shard_info(data: object, where: str) -> ShardInfo:
     """A `ShardInfo` from decoded JSON (a commit record), checked like a manifest's entries."""
-    info = _parse(ShardInfo, data, where)
+    info = parse_dataclass(ShardInfo, data, where)
     check_shard_name(info.name, where)
     return info
 
 
 def _check_manifest(m: Manifest, where: str) -> None:
+    """What the field parsers cannot see alone: choices, and fields that must agree."""
     if m.format not in FORMATS:
-        raise CacheCorruptError(f"{where}: format {m.format!r} is not one of {FORMATS}")
+        raise CacheCorruptError(f"{where}: format {show(m.format)} is not one of {FORMATS}")
     if m.status not in STATUSES:
-        raise CacheCorruptError(f"{where}: status {m.status!r} is not one of {STATUSES}")
-    if m.layout.k < 1 or m.layout.vocab_size < m.layout.k:
+        raise CacheCorruptError(f"{where}: status {show(m.status)} is not one of {STATUSES}")
+    if m.layout.vocab_size < m.layout.k:
         raise CacheCorruptError(f"{where}: layout needs 1 <= k <= vocab_size, got {m.layout}")
+    try:  # an unknown name, or ids too narrow for the vocabulary
+        TopkEncoding.from_json(m.encoding).columns(m.layout.k, m.layout.vocab_size)
+    except (ValueError, TypeError) as exc:
+        raise CacheCorruptError(
+            f"{where}: encoding {show(m.encoding)} does not work here: {' '.join(str(exc).split())[:300]}",
+            hint="upgrade kdcache if a newer one made the cache; otherwise restore the manifest from its producer",
+        ) from None
     seen = set()
     for shard in m.shards:
         check_shard_name(shard.name, where)
         if shard.index in seen:
             raise CacheCorruptError(f"{where}: shard index {shard.index} is listed twice")
         seen.add(shard.index)
-        if min(shard.num_tokens, shard.num_sequences, shard.nbytes) < 0:
-            raise CacheCorruptError(f"{where}: shard {shard.name} has negative counts")
+    _check_tokenizer_files(m.tokenizer.files, where)
+
+
+def _check_tokenizer_files(files: tuple[FileInfo, ...], where: str) -> None:
+    """Plain, distinct file names (they are joined to folders on read and on copy) and
+    declared sizes small enough to hold in memory."""
+    names = [f.name for f in files]
+    for name in names:
+        if (
+            not name
+            or len(name) > 255
+            or name in (".", "..")
+            or any(c in name for c in "/\\:")
+            or not name.isprintable()
+        ):
+            raise CacheCorruptError(
+                f"{where} lists tokenizer file {show(name)}, which is not a plain file name",
+                hint="the manifest was edited or forged; restore it from the cache's producer",
+            )
+    if len(set(names)) != len(names):
+        raise CacheCorruptError(f"{where} lists a tokenizer file twice")
+    big = [f for f in files if f.nbytes > MAX_TOKENIZER_FILE_BYTES]
+    if big or sum(f.nbytes for f in files) > MAX_TOKENIZER_BYTES:
+        raise CacheCorruptError(
+            f"{where} declares a tokenizer copy larger than kdcache reads "
+            f"({MAX_TOKENIZER_FILE_BYTES >> 20} MiB a file, {MAX_TOKENIZER_BYTES >> 20} MiB in all)",
+            hint="the manifest was edited or forged; restore it, or pass --tokenizer PATH",
+        )
 
 
 def check_shard_name(name: str, where: str) -> None:
@@ -275,6 +330,7 @@ def check_shard_name(name: str, where: str) -> None:
     norm = posixpath.normpath(name)
     if (
         not name
+        or not name.isprintable()
         or "\\" in name
         or name.startswith("/")
         or ":" in name
@@ -283,68 +339,6 @@ def check_shard_name(name: str, where: str) -> None:
         or ".." in norm.split("/")
     ):
         raise CacheCorruptError(
-            f"{where} lists shard path {name!r}, which is not inside the cache's {SHARD_DIR}/",
+            f"{where} lists shard path {show(name)}, which is not inside the cache's {SHARD_DIR}/",
             hint="shard paths must be relative, like 'shards/000000.arrow'; the manifest was edited or forged",
         )
-
-
-def _parse(cls: Any, data: object, where: str) -> Any:
-    """Build dataclass `cls` from `data`, checking every field's type."""
-    name = cls.__name__
-    if not isinstance(data, dict):
-        raise CacheCorruptError(f"{where}: {name} must be an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name == "extensions":
-            continue
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise CacheCorruptError(f"{where}: {name} is missing field {f.name!r}")
-            continue
-        values[f.name] = _coerce(hints[f.name], data[f.name], f"{where}: {name}.{f.name}")
-    extra = set(data) - {f.name for f in dataclasses.fields(cls)}
-    if extra:
-        raise CacheCorruptError(f"{where}: {name} has unknown fields {sorted(extra)}")
-    return cls(**values)
-
-
-def _coerce(tp: Any, value: object, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(option, value, where)
-            except CacheCorruptError as exc:
-                errors.append(exc)
-        raise errors[-1]
-    if tp is type(None):
-        if value is None:
-            return None
-    elif dataclasses.is_dataclass(tp):
-        return _parse(tp, value, where)
-    elif origin is tuple and isinstance(value, list):
-        item = typing.get_args(tp)[0]
-        return tuple(_coerce(item, v, where) for v in value)
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return value
-    elif tp is Any:
-        return value
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str and isinstance(value, str):
-        return value
-    raise CacheCorruptError(f"{where} should be {_type_name(tp)}, got {value!r:.60}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))

@@ -1,24 +1,168 @@
-"""Where caches live: local paths and fsspec URLs, atomic writes and checksums."""
+"""Where caches live: local paths and fsspec URLs, atomic writes and checksums.
+
+A cache is untrusted input. On a local filesystem every read goes through the guards of
+`schemas._localfs`: no symbolic link is followed below the cache root (a shard linked to /dev/zero would hang a
+reader, one linked to ~/.ssh/id_rsa would be read), no device, fifo or socket is opened, and
+no read goes past the size the manifest declares. Object stores and memory:// have no links;
+there the declared sizes still bound every read.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+import mmap
 import os
 import posixpath
 import re
+import sys
 import uuid
+from collections.abc import Iterator
+from typing import BinaryIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
 from fsspec import AbstractFileSystem
 
+from schemas._localfs import check_inside, check_local_tree, local_files, open_regular
+from schemas.errors import (
+    CacheCorruptError,
+    CacheNotFoundError,
+    ConfigError,
+    KdcacheError,
+    StorageError,
+)
+
 _BLOCK = 1 << 22
+_FIX_SIZE = (
+    "restore it from the cache's producer, or delete the shard and re-run the build to rewrite it"
+)
+_SHOWN_SCHEMES = ("file", "memory", "s3", "gs", "az", "hf", "http", "https")
+"""The schemes an unknown-scheme error names (fsspec knows some fifty)."""
 
 
 def resolve(url: str, **storage_options: object) -> tuple[AbstractFileSystem, str]:
-    """(filesystem, root path) for a local path or an fsspec URL (file://, s3://, memory://)."""
-    fs, root = fsspec.core.url_to_fs(str(url), **storage_options)
+    """(filesystem, root path) for a local path or an fsspec URL (file://, s3://, memory://).
+
+    Raises `ConfigError` for a scheme fsspec does not know, one whose package is missing, and
+    storage options the filesystem does not take; `StorageError` when creating it fails.
+    """
+    check_url(url)
+    with storage_errors(url, "opening"):
+        try:
+            fs, root = fsspec.core.url_to_fs(str(url), **storage_options)
+        except (TypeError, ValueError) as exc:  # a URL or options its filesystem refuses
+            raise ConfigError(
+                f"cannot open {shown(url)} with these storage options ({_brief(exc)})",
+                hint="check the URL, and each --storage-option KEY against the filesystem's documentation",
+            ) from exc
     return fs, root.rstrip("/") or "/"
+
+
+def check_url(url: str, option: str = "the cache URL") -> None:
+    """Raise `ConfigError` naming `option` unless fsspec can open `url`'s scheme here.
+
+    Cheap (no filesystem is created), so commands call it before any slow work.
+    """
+    for part in str(url).split("::"):  # fsspec chains: simplecache::s3://...
+        protocol = fsspec.core.split_protocol(part)[0]
+        if protocol is None:
+            continue
+        if protocol not in fsspec.available_protocols():
+            known = [p for p in _SHOWN_SCHEMES if p in fsspec.available_protocols()]
+            raise ConfigError(
+                f"{option} {shown(url)!r} has an unknown storage scheme '{protocol}://' "
+                f"(known: {', '.join(known)} and the other fsspec protocols)",
+                hint="give a local path, or a URL whose scheme fsspec knows",
+            )
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:
+            raise ConfigError(
+                f"{option} {shown(url)!r} needs a package that is not installed: {_brief(exc)}",
+                hint=f"install the fsspec package for {protocol}:// (e.g. pip install s3fs, gcsfs, adlfs)",
+            ) from None
+
+
+def shown(url: str) -> str:
+    """`url` as an error message may print it: a local path as given, a URL without secrets."""
+    return public_location(url) if "://" in str(url) else str(url)
+
+
+def real_root(fs: AbstractFileSystem, root: str) -> str:
+    """The cache root with every symbolic link in it resolved, once, on a local filesystem.
+
+    The root may itself be a link (a cache kept on another disk); nothing below it may be.
+    Resolving it once means every later check and read sees the same directory.
+    """
+    return os.path.realpath(root) if is_local(fs) else root
+
+
+def check_cache_tree(fs: AbstractFileSystem, root: str, names: tuple[str, ...]) -> None:
+    """On a local filesystem, refuse a link or a device, fifo or socket at or anywhere under
+    `root`/name for each of `names` (`CacheCorruptError` naming the path and the fix)."""
+    if is_local(fs):
+        check_local_tree(root, names)
+
+
+def storage_failures() -> tuple[type[BaseException], ...]:
+    """The exception types a filesystem layer raises for a failing store.
+
+    botocore and aiohttp are looked up only when already imported: an error of theirs can
+    only come from a filesystem (s3fs, gcsfs, http) that imported them.
+    """
+    kinds: list[type[BaseException]] = [OSError]
+    if (botocore := sys.modules.get("botocore.exceptions")) is not None:
+        kinds += [botocore.BotoCoreError, botocore.ClientError]
+    if (aiohttp := sys.modules.get("aiohttp")) is not None:
+        kinds.append(aiohttp.ClientError)
+    return tuple(kinds)
+
+
+@contextlib.contextmanager
+def storage_errors(url: str, doing: str) -> Iterator[None]:
+    """Turn what the storage raises inside the block into a one-line `KdcacheError` naming
+    `url` (`CacheNotFoundError` for a missing file, `StorageError` for the rest); kdcache's
+    own errors pass through unchanged."""
+    try:
+        yield
+    except KdcacheError:
+        raise
+    except storage_failures() as exc:
+        where, text = shown(url), _scrub(_brief(exc), url)
+        if isinstance(exc, FileNotFoundError):
+            raise CacheNotFoundError(
+                f"{where}: {text} (while {doing})",
+                hint="check the path or URL; a listed file that is gone must be restored from the cache's producer",
+            ) from exc
+        if isinstance(exc, PermissionError):
+            raise StorageError(
+                f"{where}: permission denied while {doing} ({text})",
+                hint="check the credentials (--storage-option key=... secret=..., or the environment) and the access rights",
+            ) from exc
+        raise StorageError(
+            f"{where}: the storage failed while {doing} ({type(exc).__name__}: {text})",
+            hint="check that the store is reachable (endpoint, network, disk) and the --storage-option settings, then re-run",
+        ) from exc
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` without the user, password and secret query values of `url` (a store's own
+    message may quote the URL it was given)."""
+    if "://" not in str(url):
+        return text
+    parts = urlsplit(str(url))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    secrets = [parts.password, parts.username] + [v for k, v in query if _SECRET_PARAM.search(k)]
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _brief(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 _SECRET_PARAM = re.compile(
@@ -100,29 +244,136 @@ def move_tree(fs: AbstractFileSystem, src: str, dst: str) -> None:
     fs.rm(src, recursive=True)
 
 
-def checksum_file(fs: AbstractFileSystem, path: str) -> tuple[str, int]:
-    """(`sha256:<hex>`, size in bytes) of one file, read in blocks."""
-    h = hashlib.sha256()
-    size = 0
+def read_bounded(fs: AbstractFileSystem, path: str, limit: int, *, root: str | None) -> bytes:
+    """The bytes of one file, at most `limit` + 1 of them: a result longer than `limit` means
+    the file is larger than allowed (each caller knows how large it may be).
+
+    On a local filesystem no link at or below `root` is followed and only a regular file is
+    opened (`schemas._localfs`).
+    """
+    if is_local(fs):
+        check_inside(root, path)
+        with open_regular(path) as f:
+            # read(n) allocates n bytes up front: ask for what the file holds, not the cap.
+            return f.read(min(limit, os.fstat(f.fileno()).st_size) + 1)
     with fs.open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-            size += len(block)
-    return "sha256:" + h.hexdigest(), size
+        parts: list[bytes] = []
+        got = 0
+        while got <= limit and (block := f.read(min(_BLOCK, limit + 1 - got))):
+            parts.append(block)
+            got += len(block)
+        return b"".join(parts)
 
 
-def checksum_tree(fs: AbstractFileSystem, path: str) -> tuple[str, int]:
+def read_declared(
+    fs: AbstractFileSystem, path: str, declared: int, *, root: str
+) -> bytes | mmap.mmap:
+    """The whole of a file whose size the manifest declares, refused unless it has exactly
+    that size. Local files are memory-mapped (a regular file, no link below `root`), others
+    read, never past `declared` + 1 bytes."""
+    if is_local(fs):
+        check_inside(root, path)
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != declared:
+                raise _size_differs(path, size, declared)
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    with fs.open(path, "rb") as f:
+        data = f.read(declared + 1)
+    if len(data) != declared:
+        shown = f"more than {declared}" if len(data) > declared else str(len(data))
+        raise _size_differs(path, shown, declared)
+    return data
+
+
+def check_tree_size(fs: AbstractFileSystem, path: str, declared: int, *, root: str) -> None:
+    """On a local filesystem, refuse a tree below `root` that holds a link or special file, or
+    whose files do not add up to `declared` bytes: what a reader that opens files by name
+    (zarr's LocalStore) may then open is what the manifest describes."""
+    if is_local(fs):
+        check_inside(root, path)
+        size = sum(e.stat(follow_symlinks=False).st_size for e in local_files(path))
+        if size != declared:
+            raise _size_differs(path, size, declared)
+
+
+def _size_differs(path: str, size: int | str, declared: int) -> CacheCorruptError:
+    return CacheCorruptError(
+        f"{path} has {size} bytes, the manifest says {declared} (truncated or replaced)",
+        hint=_FIX_SIZE,
+    )
+
+
+def _too_large(path: str, declared: int) -> CacheCorruptError:
+    return CacheCorruptError(
+        f"{path} is larger than the manifest says ({declared} bytes): it was replaced or grew",
+        hint=_FIX_SIZE,
+    )
+
+
+def checksum_file(
+    fs: AbstractFileSystem, path: str, *, root: str | None = None, declared: int | None = None
+) -> tuple[str, int]:
+    """(`sha256:<hex>`, size in bytes) of one file, read in blocks.
+
+    With `declared` (the manifest's size), reading stops once the file proves larger and
+    `CacheCorruptError` says so: a shard swapped for something endless is never read to the
+    end. Local files are opened only as regular files with no link at or below `root`.
+    """
+    limit = declared if declared is not None else math.inf
+    if is_local(fs):
+        check_inside(root, path)
+        f = open_regular(path)
+        if os.fstat(f.fileno()).st_size > limit:
+            f.close()
+            raise _too_large(path, int(limit))
+    else:
+        f = fs.open(path, "rb")
+    with f:
+        digest, size = _hash(f, limit)
+    if size > limit:
+        raise _too_large(path, int(limit))
+    return digest, size
+
+
+def checksum_tree(
+    fs: AbstractFileSystem, path: str, *, root: str | None = None, declared: int | None = None
+) -> tuple[str, int]:
     """(`sha256:<hex>`, total bytes) of every file under `path`, in relative-path order.
 
     Each file contributes its relative path and its own digest, so a renamed, added, missing or
-    changed file all change the result.
+    changed file all change the result. With `declared`, a tree whose files add up to more is
+    refused before any is read (sizes from the listing), and reading stops if they grow.
+    Local trees are walked without following links, and only regular files are read.
     """
+    if is_local(fs):
+        check_inside(root, path)
+        files = {e.path: e.stat(follow_symlinks=False).st_size for e in local_files(path)}
+    else:
+        found = fs.find(path, withdirs=False, detail=True)
+        files = {name: int(info.get("size") or 0) for name, info in found.items()}
+    limit = declared if declared is not None else math.inf
+    if sum(files.values()) > limit:
+        raise _too_large(path, int(limit))
     h = hashlib.sha256()
     total = 0
-    files = sorted(fs.find(path, withdirs=False))
-    for file in files:
-        digest, size = checksum_file(fs, file)
+    for file in sorted(files):
+        with open_regular(file) if is_local(fs) else fs.open(file, "rb") as f:
+            digest, size = _hash(f, limit - total)
+        total += size
+        if total > limit:
+            raise _too_large(path, int(limit))
         rel = posixpath.relpath(file, path)
         h.update(f"{rel}\0{digest}\0{size}\n".encode())
-        total += size
     return "sha256:" + h.hexdigest(), total
+
+
+def _hash(f: BinaryIO, limit: float) -> tuple[str, int]:
+    """(`sha256:<hex>`, bytes read) of a stream, read in blocks and no further than one block
+    past `limit` bytes (the caller refuses a size over `limit`)."""
+    h = hashlib.sha256()
+    size = 0
+    while size <= limit and (block := f.read(_BLOCK)):
+        h.update(block)
+        size += len(block)
+    return "sha256:" + h.hexdigest(), size

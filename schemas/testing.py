@@ -39,8 +39,8 @@ def random_records(
     rng = np.random.default_rng(seed)
     n, k, v = sum(lengths), layout.k, layout.vocab_size
     logits = rng.standard_normal((n, v)) * rng.uniform(0.5, 4.0)
-    if special_values and n:
-        logits[rng.random(n) < 0.2, 0] = 50.0  # near-one-hot rows: top-1 log-prob rounds to 0
+    hot = (rng.random(n) < 0.2) if special_values else np.zeros(n, dtype=bool)
+    logits[hot, 0] = 50.0  # near-one-hot rows: top-1 log-prob rounds to 0
     lse = np.logaddexp.reduce(logits, axis=1)
     logp = logits - lse[:, None]
     order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
@@ -48,14 +48,15 @@ def random_records(
     rest = logp.copy()
     np.put_along_axis(rest, order, -np.inf, axis=1)
     log_tail = np.logaddexp.reduce(rest, axis=1) if k < v else np.full(n, -np.inf)
-    labels = rng.integers(0, v, n)
+    input_ids = rng.integers(0, v, n)
+    labels = np.roll(input_ids, -1)  # the next input id (none at a sequence's last position)
     label_lp = logp[np.arange(n), labels].astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     label_lp[offsets[1:][np.array(lengths) > 0] - 1] = np.nan
-    if special_values and n:
-        top[rng.random(n) < 0.1, 0] = -0.0
+    if special_values and n:  # only where the top-1 is ~0 already, so the values stay consistent
+        top[hot & (rng.random(n) < 0.5), 0] = -0.0
     arrays: dict[str, Any] = dict(
-        input_ids=rng.integers(0, v, n).astype(np.int32),
+        input_ids=input_ids.astype(np.int32),
         topk_ids=order.astype(np.int32),
         topk_logprobs=top,
         lse=lse.astype(np.float32),
@@ -75,9 +76,12 @@ def random_records(
         )
     if layout.num_samples:
         s = layout.num_samples
-        ids = np.sort(rng.integers(0, v, (n, s)), axis=1)
-        counts = np.ones((n, s), dtype=np.uint16)
-        counts[:, s // 2 :] = 0  # padding
+        m = min(s - s // 2, v)  # distinct ids drawn; the other slots are padding
+        ids = np.sort(np.argsort(rng.random((n, v)), axis=1)[:, :m], axis=1)
+        ids = np.concatenate([ids, np.repeat(ids[:, :1], s - m, axis=1)], axis=1)
+        counts = np.zeros((n, s), dtype=np.uint16)  # padding: count 0, repeats the first id
+        counts[:, :m] = 1
+        counts[:, 0] += s - m  # the s draws add up
         arrays["sample_ids"] = ids.astype(np.int32)
         arrays["sample_counts"] = counts
         arrays["sample_logprobs"] = np.take_along_axis(logp, ids, axis=1).astype(np.float32)

@@ -76,7 +76,9 @@ class TrainConfig:
     the ranks with FSDP (per decoder layer) instead of replicating it with DDP; for students
     that do not fit one device. Ignored in a single process."""
     skip_bad_shards: bool = False
-    """--skip-bad-shards: skip (and count) shards that fail their checksum instead of stopping."""
+    """--skip-bad-shards: skip (and count) bad shards instead of stopping: missing, failing their
+    checksum, metadata that disagrees with the manifest, or records that fail the content
+    checks (`schemas.checks.check_records`)."""
     logit_block: int = 1 << 24
     """--logit-block: the most student logits (rows x vocabulary) a per-token loss holds at
     once: it runs over blocks of logit_block // V rows, taking each block's gradient as it goes."""

@@ -18,12 +18,20 @@ sees the same micro-batches either way: rank r's a-th micro-batch of a step is t
 process's micro-batch at accumulation slot r + W * a of that step. Otherwise ranks read other
 (equally shuffled) sequences than one process would: the runs agree in distribution, not exactly.
 
-A corrupt shard stops the stream with the shard named, or is counted and skipped with
-`skip_bad_shards` (counted in the process that reads it: DataLoader workers keep their own).
+A shard is checked before any of it is used: its size and checksum against the manifest, its
+own metadata against the cache (`Cache.reader`), and its decoded records against the format's
+invariants (`schemas.checks.check_records`: ids inside the vocabulary, log-probs <= 0 and not
+NaN, finite log-sum-exps, labels NaN only at a sequence's end, sample counts, offsets, counts),
+since a checksum matches a bad shard as well as a good one when its manifest entry was forged
+or its producer was wrong. The content check costs a few reductions per array, little next to
+decoding. A bad shard stops the stream with the shard and its first problem named, or is
+counted and skipped with `skip_bad_shards` (counted in the process that reads it: DataLoader
+workers keep their own).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,8 +40,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas.cache import Cache, open_cache
+from schemas.checks import check_records
 from schemas.errors import CacheCorruptError, CacheNotFoundError
 from schemas.record import ShardRecords
+from schemas.storage import shown
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,16 +123,41 @@ class ShardStream(IterableDataset):
                 yield buffer[int(pick)]
 
     def _read(self, cache: Cache, index: int) -> ShardRecords | None:
+        """Shard `index`, checked; None when it is bad and `skip_bad_shards` is set."""
+        info = cache.shards[index]
         try:
-            return cache.read_shard(index)
+            return checked_shard(cache, index)
         except (CacheCorruptError, CacheNotFoundError) as exc:
             if not self.skip_bad_shards:
                 raise type(exc)(
                     exc.message,
-                    hint=(exc.hint or "") + "; or pass --skip-bad-shards to train on without it",
+                    hint=(f"{exc.hint}; or " if exc.hint else "")
+                    + "pass --skip-bad-shards to train on without it",
                 ) from None
-            self.bad_shards.append(cache.shards[index].name)
+            if info.name not in self.bad_shards:  # each epoch meets it again
+                self.bad_shards.append(info.name)
+                log.warning("kdcache: skipping %s: %s", info.name, exc.message)
             return None
+
+
+def checked_shard(cache: Cache, index: int) -> ShardRecords:
+    """The records of shard `index`, after the content checks of `schemas.checks`.
+
+    Raises `CacheCorruptError` naming the shard and its first problem when they fail (and
+    whatever `Cache.read_shard` raises for bytes, checksums and metadata).
+    """
+    info = cache.shards[index]
+    records = cache.read_shard(info)
+    problems = check_records(records, cache.layout, info)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CacheCorruptError(
+            f"shard {info.name} of {shown(cache.url)} holds bad records: {problems[0]}{more}",
+            hint=f"run `kdcache validate --deep {shown(cache.url)}` to list every problem, then "
+            "rebuild the shard (delete it and re-run the build) or restore it from the "
+            "cache's producer",
+        )
+    return records
 
 
 def _sequences(records: ShardRecords) -> Iterator[Sequence]:

@@ -69,7 +69,8 @@ class TrainResult:
         if self.eval:
             line += "; eval " + ", ".join(f"{k} {v:.4f}" for k, v in self.eval.items())
         if self.bad_shards:
-            line += f"; skipped {len(self.bad_shards)} bad shards"
+            names = ", ".join(self.bad_shards[:5]) + (", ..." if len(self.bad_shards) > 5 else "")
+            line += f"; skipped {len(self.bad_shards)} bad shards ({names})"
         return line
 
 

@@ -104,6 +104,20 @@ def temporaries(cache: Path) -> list[str]:
     return sorted(str(p.relative_to(cache)) for p in [*cache.rglob(".tmp-*"), *staged])
 
 
+def uncommitted_in_shards(cache: Path) -> list[str]:
+    """Shards in shards/ without a commit record (listed first, so a concurrent commit
+    cannot make one look uncommitted)."""
+    shards = (
+        sorted(p.name for p in (cache / "shards").iterdir()) if (cache / "shards").is_dir() else []
+    )
+    records = (
+        {p.stem for p in (cache / "commits").glob("*.json")}
+        if (cache / "commits").is_dir()
+        else set()
+    )
+    return [name for name in shards if name.split(".")[0] not in records]
+
+
 def assert_same_cache(cache: Path, reference: Path) -> None:
     """Same manifest bytes, every listed shard intact, nothing else in shards/, no temporaries."""
     assert (cache / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
@@ -192,6 +206,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_cache(
             when = reached(max(before + 2, n - 3))
         status, after = run_and_kill(cmd, tmp_path, cache, when, rng.uniform(0.0, 0.9))
         assert status == -signal.SIGKILL, f"the {label} run ended by itself with status {status}"
+        assert uncommitted_in_shards(cache) == [], f"killed {label}: a glob would see these"
         kills.append((label, before, after))
     rerun = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -301,7 +316,7 @@ def test_unwritable_output_is_one_line(
     )
     assert result.exit_code == 1
     line = one_error_line(result.output)
-    assert f"while building {out}" in line and "Fix:" in line
+    assert str(out) in line and "Not a directory" in line and "Fix:" in line
 
 
 def test_disk_full_lists_only_whole_shards_and_a_rerun_completes(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -57,7 +56,7 @@ def reshard(src: str, dst: str, shards: int) -> str:
     for i in range(shards):
         with writer.shard_writer(i) as w:
             w.write(full[i])
-            writer.commit(w.finalize())
+            writer.commit_shard(w)
     writer.finalize(shards)
     return dst
 
@@ -69,7 +68,7 @@ def convert(src: str, dst: str, fmt: str) -> str:
     for i, records in enumerate(cache):
         with writer.shard_writer(i) as w:
             w.write(records)
-            writer.commit(w.finalize())
+            writer.commit_shard(w)
     writer.finalize(len(cache.shards))
     cache.fs.put(f"{cache.root}/{TOKENIZER_DIR}", f"{dst}/{TOKENIZER_DIR}", recursive=True)
     return dst
@@ -305,35 +304,16 @@ def test_training_from_memory_url_equals_local(built_cache, tiny_llama_dir, tmp_
     assert remote == local
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 server on 127.0.0.1 at a free port; yields its storage_options."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield {
-            "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
-            "key": "x",
-            "secret": "x",
-        }
-    finally:
-        server.stop()
-
-
 @pytest.mark.parametrize("fmt", ["arrow", "zarr"])
 def test_training_from_s3_equals_local(
-    built_cache, tiny_llama_dir, tmp_path, s3_server: dict, fmt: str
+    built_cache, tiny_llama_dir, tmp_path, s3_options: dict, fmt: str
 ) -> None:
     """The cache copied into a bucket: two DataLoader workers each open it over S3 and the run
     matches the same run on the local copy, step for step."""
     import s3fs
 
     local = convert(built_cache, str(tmp_path / fmt), fmt)
-    fs = s3fs.S3FileSystem(**s3_server)
+    fs = s3fs.S3FileSystem(**s3_options)
     if not fs.exists("kdcache-test"):
         fs.mkdir("kdcache-test")
     fs.put(local, f"kdcache-test/cache-{fmt}", recursive=True)
@@ -345,7 +325,7 @@ def test_training_from_s3_equals_local(
             tmp_path / "s3",
             student,
             num_workers=2,
-            storage_options=s3_server,
+            storage_options=s3_options,
         )
     )
     assert remote == on_disk

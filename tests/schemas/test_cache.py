@@ -32,8 +32,8 @@ def draft(
         teacher=TeacherInfo(name_or_path="teacher", weights_sha256="sha256:w"),
         tokenizer=TokenizerInfo(name_or_path="tok", fingerprint="sha256:t", vocab_size=vocab),
         dataset=DatasetInfo(
-            source="data.jsonl", fingerprint="sha256:d", num_documents=3, num_tokens=30
-        ),
+            source="data.jsonl", fingerprint="sha256:d", num_documents=3, num_tokens=36
+        ),  # what `make_cache` writes: validation checks the shards add up to it
         build=BuildSettings(top_k=top_k_setting or k, max_length=16),
         layout=Layout(k=k, vocab_size=vocab),
         encoding=default_encoding(vocab).to_json(),
@@ -45,7 +45,7 @@ def make_cache(url: str, fmt: str = "arrow", shards: int = 3, finalize: bool = T
     for i in range(shards):
         with writer.shard_writer(i) as w:
             w.write(random_records(writer.draft.layout, [5, 7], seed=i))
-            writer.commit(w.finalize())
+            writer.commit_shard(w)
     return writer.finalize(shards) if finalize else writer.draft
 
 
@@ -137,7 +137,7 @@ def test_interrupted_build_keeps_committed_shards_only(tmp_path) -> None:
     writer = CacheWriter(url, draft())
     with writer.shard_writer(0) as w:
         w.write(random_records(writer.draft.layout, [4], 0))
-        writer.commit(w.finalize())
+        writer.commit_shard(w)
     half = writer.shard_writer(1)
     half.write(random_records(writer.draft.layout, [4], 1))  # never finalized: a crash
     cache = open_cache(url)
@@ -222,14 +222,16 @@ def test_deep_validate_finds_bad_records(tmp_path) -> None:
     """Records that break an invariant (here: log-probs out of rank order) fail --deep."""
     url = str(tmp_path / "c")
     lossless = dataclasses.replace(
-        draft(), encoding=TopkEncoding(ids="uint32", values="float32").to_json()
+        draft(),
+        encoding=TopkEncoding(ids="uint32", values="float32").to_json(),
+        dataset=dataclasses.replace(draft().dataset, num_tokens=6),
     )
     writer = CacheWriter(url, lossless)
     records = random_records(writer.draft.layout, [6], 0)
     records.topk_logprobs[:, [0, 1]] = records.topk_logprobs[:, [1, 0]]
     with writer.shard_writer(0) as w:
         w.write(records)
-        writer.commit(w.finalize())
+        writer.commit_shard(w)
     writer.finalize(1)
     problems = validate_cache(url, deep=True)
     assert any("rank order" in p.what and p.where == "shards/000000.arrow" for p in problems)
@@ -241,3 +243,61 @@ def test_half_written_commit_records_of_other_ranks_are_ignored(tmp_path) -> Non
     make_cache(url, shards=2, finalize=False)
     (tmp_path / "c" / "commits" / ".tmp-abcd-000005.json").write_text('{"name": "shards/0000')
     assert set(CacheWriter(url, draft()).committed()) == {0, 1}
+
+
+def _killed_between_record_and_move(url: str, monkeypatch) -> tuple[CacheWriter, str]:
+    """Commit shard 1 of a 2-shard cache, but die before its move into shards/."""
+    import schemas.cache
+
+    small = dataclasses.replace(draft(), dataset=dataclasses.replace(draft().dataset, num_tokens=9))
+    writer = CacheWriter(url, small)
+    with writer.shard_writer(0) as w:
+        w.write(random_records(writer.draft.layout, [4], 0))
+        writer.commit_shard(w)
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt("killed mid-move")
+
+    monkeypatch.setattr(schemas.cache, "publish_shard", killed)
+    shard = writer.shard_writer(1)
+    shard.write(random_records(writer.draft.layout, [5], 1))
+    with pytest.raises(KeyboardInterrupt):
+        writer.commit_shard(shard)
+    monkeypatch.undo()
+    return CacheWriter(url, small), shard.tmp_path
+
+
+def test_shards_folder_holds_committed_shards_only_and_a_rerun_finishes_the_move(
+    tmp_path, monkeypatch
+) -> None:
+    url = str(tmp_path / "c")
+    again, _ = _killed_between_record_and_move(url, monkeypatch)
+    assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == ["000000.arrow"]
+    assert set(again.committed()) == {0, 1}
+    again.recover()
+    again.remove_temporaries()
+    assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == [
+        "000000.arrow",
+        "000001.arrow",
+    ]
+    assert list((tmp_path / "c" / "staging").iterdir()) == []
+    again.finalize(2)
+    assert validate_cache(url, deep=True) == []
+
+
+def test_recover_keeps_a_finished_move_and_redoes_a_lost_shard(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    url = str(tmp_path / "c")
+    again, staged = _killed_between_record_and_move(url, monkeypatch)
+    final = tmp_path / "c" / "shards" / "000001.arrow"
+    # The move had copied the shard and was deleting the staged copy when it was killed.
+    final.write_bytes(Path(staged).read_bytes())
+    Path(staged).write_bytes(b"half deleted")
+    again.recover()
+    assert not Path(staged).exists() and final.exists() and set(again.committed()) == {0, 1}
+    # Neither copy whole: the record goes, so the rerun writes the shard again.
+    again, staged = _killed_between_record_and_move(str(tmp_path / "d"), monkeypatch)
+    Path(staged).write_bytes(b"damaged")
+    again.recover()
+    assert set(again.committed()) == {0}

@@ -1,8 +1,6 @@
 """Caches on object storage: written and read through s3fs against a real S3-compatible server
 (moto on 127.0.0.1), and through fsspec's memory filesystem."""
 
-import logging
-
 import pytest
 
 from schemas.cache import open_cache
@@ -13,30 +11,15 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def s3_options():
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {
-        "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
-        "key": "x",
-        "secret": "x",
-    }
+def bucket(s3_options) -> str:
     import s3fs
 
-    s3fs.S3FileSystem(**options).mkdir("kdcache-schemas")
-    try:
-        yield options
-    finally:
-        server.stop()
+    s3fs.S3FileSystem(**s3_options).mkdir("kdcache-schemas")
+    return "kdcache-schemas"
 
 
 @pytest.mark.parametrize("fmt", ["arrow", "zarr"])
-def test_cache_round_trips_on_s3(s3_options, tmp_path, fmt) -> None:
+def test_cache_round_trips_on_s3(s3_options, bucket, tmp_path, fmt) -> None:
     import s3fs
 
     url = f"s3://kdcache-schemas/{fmt}"
@@ -50,7 +33,7 @@ def test_cache_round_trips_on_s3(s3_options, tmp_path, fmt) -> None:
     for i in range(3):
         with writer.shard_writer(i) as w:
             w.write(random_records(writer.draft.layout, [5, 7], seed=i))
-            writer.commit(w.finalize())
+            writer.commit_shard(w)
     remote = writer.finalize(3)
     assert [s.checksum for s in remote.shards] == [s.checksum for s in local.shards]
     cache = open_cache(url, **s3_options)

@@ -89,7 +89,7 @@ def write_cache(
     for i, lengths in enumerate(shard_lengths):
         with writer.shard_writer(i) as w:
             w.write(synthetic_records(writer.draft.layout, lengths, number, seed=i))
-            writer.commit(w.finalize())
+            writer.commit_shard(w)
         number += len(lengths)
     writer.finalize(len(shard_lengths))
     return number
