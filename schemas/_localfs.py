@@ -70,8 +70,7 @@ def check_local_tree(root: str, names: Iterable[str]) -> None:
             continue
         if not stat.S_ISDIR(st.st_mode):
             raise _special_error(path, st)
-        for _ in local_files(path):
-            pass
+        _ = sum(1 for _ in local_files(path))  # the walk raises on a link or special file
 
 
 def local_files(top: str) -> Iterator[os.DirEntry[str]]:

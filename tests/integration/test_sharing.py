@@ -21,6 +21,7 @@ from schemas.encodings import TopkEncoding
 from schemas.record import document_hash
 from schemas.storage import public_location
 from tests.fixtures.cli import kdcache, one_line_error
+from tests.fixtures.models import tiny_student_config
 from tests.fixtures.s3 import cli_storage_options
 
 pytestmark = pytest.mark.integration
@@ -57,25 +58,9 @@ def exact_cache(tiny_llama_dir: Path, documents, tmp_path_factory) -> Path:
     return out
 
 
-def student_config(tmp_path: Path) -> Path:
-    config = {
-        "model_type": "llama",
-        "vocab_size": 384,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 128,
-    }
-    path = tmp_path / "student.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
 def train_args(cache: Path | str, tmp_path: Path) -> list[str]:
     return ["train", "--cache", str(cache), "--out", str(tmp_path / "run"), "--student-config",
-            str(student_config(tmp_path)), "--max-steps", "2", "--batch-tokens", "256",
+            str(tiny_student_config(tmp_path)), "--max-steps", "2", "--batch-tokens", "256",
             "--no-progress"]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import pytest
 from schemas import open_cache
 from schemas.validate import validate_cache
 from tests.fixtures.cli import kdcache
+from tests.fixtures.models import tiny_student_config
 
 OLD = Path(__file__).parents[1] / "fixtures" / "data"
 
@@ -36,23 +37,13 @@ def test_a_format_1_cache_reads_and_validates(fmt: str) -> None:
 def test_a_format_1_cache_trains_from_the_command_line(tmp_path: Path) -> None:
     cache = tmp_path / "old"
     shutil.copytree(OLD / "cache-1.0-zarr", cache)
-    config = {
-        "model_type": "llama",
-        "vocab_size": 384,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 128,
-    }
-    (tmp_path / "student.json").write_text(json.dumps(config))
+    student = tiny_student_config(tmp_path)
     kdcache("validate", cache, "--deep")
     info = json.loads(kdcache("inspect", cache, "--json").stdout)
     assert info["fidelity"] is None and info["teacher_stats"]["sampled_tokens"] == 662
     run = kdcache(
         "train", "--cache", cache, "--out", tmp_path / "run", "--student-config",
-        tmp_path / "student.json", "--loss", "rskd", "--max-steps", "2", "--batch-tokens", "256",
+        student, "--loss", "rskd", "--max-steps", "2", "--batch-tokens", "256",
         "--no-progress",
     )  # fmt: skip
     assert "trained 2 steps" in run.stdout
