@@ -129,6 +129,15 @@ def storage_errors(url: str, doing: str) -> Iterator[None]:
         yield
     except KdcacheError:
         raise
+    except TypeError as exc:
+        # A filesystem hands its options to its client only on first use (s3fs builds its
+        # session then): an option it does not take surfaces here, not when it is created.
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ConfigError(
+            f"{shown(url)}: the storage refused an option ({_brief(exc)})",
+            hint="check each --storage-option KEY against the filesystem's documentation",
+        ) from exc
     except storage_failures() as exc:
         where, text = shown(url), _scrub(_brief(exc), url)
         if isinstance(exc, FileNotFoundError):

@@ -203,3 +203,14 @@ def test_failures_nothing_wrapped_still_print_one_line() -> None:
         result = CliRunner().invoke(cmd, [kind])
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and needle in result.output
+
+
+def test_a_storage_option_the_store_does_not_take_is_one_line(tmp_path) -> None:
+    """s3fs passes its options to its client only when it first talks to the store."""
+    proc = kdcache(
+        "inspect", "s3://kdcache-nowhere/cache", "--storage-option", "retries=1",
+        "--storage-option", "client_kwargs.endpoint_url=http://127.0.0.1:9",
+        check=False, timeout=60,
+    )  # fmt: skip
+    line = one_line_error(proc)
+    assert "retries" in line and "--storage-option" in line
