@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on disk here; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test bench bench-quality lint format clean
+.PHONY: demo test test-long bench bench-quality lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The long reliability variants `make test` deselects (pytest's addopts say -m "not long"), with
+# the short ones, counted into RELIABILITY.md (tests/fixtures/reliability.py).
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q -m "long or reliability" --reliability-report RELIABILITY.md
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

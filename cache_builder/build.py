@@ -10,7 +10,6 @@ rank 0: manifest marked complete once every shard is committed
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import posixpath
 import sys
 import tempfile
@@ -28,16 +27,18 @@ from cache_builder.data import PackedBatch, Segment, load_rows, pack, segments, 
 from cache_builder.distributed import Ranks
 from cache_builder.pipeline import WriterThread, records_from, to_host
 from cache_builder.plan import BuildPlan, ShardPlan, make_plan, segments_of
+from cache_builder.rows import BadRows
 from cache_builder.teacher import Teacher, load_teacher
 from cache_builder.tokenizer import load_tokenizer, tokenizer_info
 from cache_builder.topk import SignalOptions, TeacherSignals
-from schemas.cache import COMMITS, TOKENIZER_DIR, CacheWriter, file_info
+from schemas.cache import COMMITS, TOKENIZER_DIR, CacheWriter, check_output, file_info
 from schemas.encodings import TopkEncoding, default_encoding
 from schemas.errors import KdcacheError
 from schemas.fingerprint import StreamHasher
+from schemas.lock import CacheLock, torchrun_job
 from schemas.manifest import BuildSettings, DatasetInfo, Manifest, TeacherInfo, TokenizerInfo
 from schemas.record import Layout
-from schemas.storage import check_url, join, public_location
+from schemas.storage import join, public_location
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,17 @@ class BuildResult:
     already_complete: bool = False
     rank: int = 0
     """Which torchrun rank this is; only rank 0 finalises the cache and knows its size."""
+    skipped: str = ""
+    """What --skip-bad-rows left out (`BadRows.report`), or "" for nothing."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.written_tokens / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
+        return f"{self._summary()}; {self.skipped}" if self.skipped else self._summary()
+
+    def _summary(self) -> str:
         if self.already_complete:
             return f"{self.url} is already complete: {self.shards} shards, {self.tokens} tokens. Nothing to do."
         if self.rank:
@@ -75,11 +81,25 @@ class BuildResult:
 
 def build(cfg: BuildConfig) -> BuildResult:
     """Build (or resume, or confirm) the cache `cfg.out` describes."""
-    check_url(cfg.out, "--out")  # a bad scheme fails now, not after the data pass
+    # A bad scheme, or a directory of other files, fails now: before the lock, the data pass
+    # and the teacher load.
+    check_output(cfg.out, overwrite=cfg.overwrite, **cfg.storage_options)
     start = time.perf_counter()
     ranks = Ranks.from_env()
     say = _say if ranks.is_main else _quiet
+    lock: CacheLock | None = None
     try:
+        if ranks.is_main:
+            # Before anything slow: a second build on --out refuses in seconds, not after the
+            # data pass and the teacher load. The other ranks join it after the first barrier.
+            lock = CacheLock.acquire(
+                cfg.out,
+                command="kdcache build",
+                job=torchrun_job(),
+                break_lock=cfg.break_lock,
+                notify=say,
+                **cfg.storage_options,
+            )
         teacher_name, teacher_label, dataset, dataset_label, read_split = _resolve_defaults(
             cfg, say
         )
@@ -92,20 +112,28 @@ def build(cfg: BuildConfig) -> BuildResult:
         # "sequence length is longer than the specified maximum" warning does not apply.
         tokenizer.model_max_length = sys.maxsize
 
-        def stream() -> Iterator[Segment]:
+        def stream(bad: BadRows) -> Iterator[Segment]:
             rows = load_rows(
                 dataset,
                 split=read_split,
                 text_field=cfg.text_field,
                 chat_template=cfg.chat_template,
+                max_rows=cfg.max_documents,  # None: all of them
+                bad_rows=bad,
             )
-            rows = itertools.islice(rows, cfg.max_documents)  # None: all of them
             docs = tokenize_rows(
-                rows, tokenizer, text_field=cfg.text_field, chat_template=cfg.chat_template
+                rows,
+                tokenizer,
+                text_field=cfg.text_field,
+                chat_template=cfg.chat_template,
+                bad_rows=bad,
             )
-            return segments(docs, cfg.max_length, source=dataset_label)
+            return segments(docs, cfg.max_length, source=dataset_label, bad_rows=bad)
 
-        plan, data_info = _plan(stream(), cfg, dataset_label)
+        skipped = BadRows(skip=cfg.skip_bad_rows)  # what the data pass left out
+        plan, data_info = _plan(stream(skipped), cfg, dataset_label)
+        if skipped.report():
+            say(skipped.report())
         # The teacher loads after the data pass, so a bad dataset fails in seconds.
         teacher = load_teacher(
             teacher_name,
@@ -118,12 +146,19 @@ def build(cfg: BuildConfig) -> BuildResult:
         encoding = _encoding(cfg, teacher.vocab_size)
         tokenizer_bytes = _tokenizer_files(tokenizer)
         draft = _draft_manifest(
-            cfg, teacher, teacher_label, tokenizer, tokenizer_bytes, data_info, encoding
+            cfg, teacher, teacher_label, tokenizer, tokenizer_bytes, data_info, encoding, skipped
         )
 
         # Rank 0 creates (or checks, or replaces) the cache before anyone writes into it.
         writer = (
-            CacheWriter(cfg.out, draft, overwrite=cfg.overwrite, owner=True, **cfg.storage_options)
+            CacheWriter(
+                cfg.out,
+                draft,
+                overwrite=cfg.overwrite,
+                owner=True,
+                lock=lock,
+                **cfg.storage_options,
+            )
             if ranks.is_main
             else None
         )
@@ -131,12 +166,20 @@ def build(cfg: BuildConfig) -> BuildResult:
             _remove_stale_temporaries(writer)
         ranks.barrier()
         if writer is None:
-            writer = CacheWriter(cfg.out, draft, owner=False, **cfg.storage_options)
+            lock = CacheLock.join(cfg.out, job=torchrun_job(), **cfg.storage_options)
+            writer = CacheWriter(cfg.out, draft, owner=False, lock=lock, **cfg.storage_options)
         if writer.complete:
             m = writer.existing
             assert m is not None
             return BuildResult(
-                cfg.out, m.num_tokens, len(m.shards), m.nbytes, time.perf_counter() - start, 0, True
+                cfg.out,
+                m.num_tokens,
+                len(m.shards),
+                m.nbytes,
+                time.perf_counter() - start,
+                0,
+                True,
+                skipped=skipped.report(),
             )
         if ranks.is_main:
             # Rewritten on every run (it is small), each file atomically: a crash mid-copy is
@@ -150,7 +193,8 @@ def build(cfg: BuildConfig) -> BuildResult:
         writer.remove_temporaries({s.index for s in mine})
         if len(todo) < len(mine):
             say(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards are already committed")
-        written = _run(cfg, teacher, writer, todo, stream(), ranks, pad_id=tokenizer.pad_token_id)
+        again = stream(BadRows(skip=cfg.skip_bad_rows))  # skips the same rows: same stream
+        written = _run(cfg, teacher, writer, todo, again, ranks, pad_id=tokenizer.pad_token_id)
         ranks.barrier()
         if not ranks.is_main:
             return BuildResult(
@@ -161,6 +205,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                 time.perf_counter() - start,
                 written,
                 rank=ranks.rank,
+                skipped=skipped.report(),
             )
         manifest = writer.finalize(len(plan.shards))
         return BuildResult(
@@ -170,6 +215,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             manifest.nbytes,
             time.perf_counter() - start,
             written,
+            skipped=skipped.report(),
         )
     except OSError as exc:
         where = exc.filename or cfg.out
@@ -179,6 +225,8 @@ def build(cfg: BuildConfig) -> BuildResult:
             "resumes from the last committed shard",
         ) from exc
     finally:
+        if lock is not None:
+            lock.release()
         ranks.close()
 
 
@@ -283,9 +331,12 @@ def _draft_manifest(
     tokenizer_bytes: dict[str, bytes],
     data: dict,
     encoding: TopkEncoding,
+    skipped: BadRows,
 ) -> Manifest:
     """The manifest of the finished cache, minus its shards. Nothing local or secret goes in:
-    where things were is recorded by `public_location`, what they were by their hashes."""
+    where things were is recorded by `public_location`, what they were by their hashes. The
+    build config also counts what --skip-bad-rows left out (outside the cache's fingerprint, like
+    all of the config: the dataset fingerprint covers the token stream that is left)."""
     tok = tokenizer_info(tokenizer)
     tok["name_or_path"] = teacher_label  # the tokenizer is always the teacher's own
     files = tuple(file_info(name, data) for name, data in sorted(tokenizer_bytes.items()))
@@ -304,7 +355,11 @@ def _draft_manifest(
             dtype=str(teacher.dtype).removeprefix("torch."),
             seed=cfg.seed,
             shard_tokens=cfg.shard_tokens,
-            config=_public_config(cfg),
+            config={
+                **_public_config(cfg),
+                "skipped_rows": skipped.rows,
+                "skipped_files": skipped.files,
+            },
         ),
         layout=Layout(
             k=cfg.top_k,
@@ -375,9 +430,10 @@ def _public_config(cfg: BuildConfig) -> dict:
 
 def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str, str, str]:
     """(teacher, teacher label, dataset path, dataset label, split to read), falling back to
-    the embedded default. Labels are what the manifest records. The embedded corpus is written
-    one file per split, and a file holds one split ("train"), so the split asked for decides
-    the file and "train" is what is read from it."""
+    the embedded default. Labels are what the manifest records. The embedded corpus is one
+    jsonl file per split, in this process's memory (so builds at once share no file), and a
+    file holds one split ("train"), so the split asked for decides the file and "train" is
+    what is read from it."""
     teacher, dataset, label, read_split = cfg.teacher, cfg.dataset, cfg.dataset, cfg.split
     teacher_label = public_location(teacher) if teacher is not None else ""
     if teacher is None or dataset is None:
@@ -388,8 +444,7 @@ def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str, str, str]:
             teacher_label = "embedded:python-docs-teacher"
             say(f"no --teacher given: using the embedded default teacher ({teacher})")
         if dataset is None:
-            folder = Path(tempfile.gettempdir()) / "kdcache-default-data"
-            dataset = str(default.write_default_dataset(folder, cfg.split))
+            dataset = default.default_dataset_url(cfg.split)  # in memory: no file to share
             label, read_split = f"embedded:python-docs:{cfg.split}", "train"
             say(
                 f"no --dataset given: using the embedded default corpus, split {cfg.split} "

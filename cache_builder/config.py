@@ -39,6 +39,10 @@ class BuildConfig:
     """--chat-template: render a `messages` column with the tokenizer's chat template."""
     max_documents: int | None = None
     """--max-documents: use only the first N rows of the dataset (quick trials); None: all."""
+    skip_bad_rows: bool = False
+    """--skip-bad-rows: leave out rows that cannot be documents, and the unreadable rest of a
+    corrupt or truncated file, counting them (summary, manifest); off: the first one stops the
+    build naming its file and row. See `cache_builder.rows`."""
     max_length: int = 2048
     """--max-length: tokens per packed row; longer documents are split into windows."""
     top_k: int = 64
@@ -65,6 +69,8 @@ class BuildConfig:
     """--seed: seeds the sampled tokens (per shard, so resumed builds draw the same ones)."""
     overwrite: bool = False
     """--overwrite: replace a cache at --out that was made with other settings."""
+    break_lock: bool = False
+    """--break-lock: take the lock on --out even from a build that looks alive (`schemas.lock`)."""
     progress: bool = True
     """--progress/--no-progress: show a progress bar with tokens/s and ETA."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -103,7 +109,7 @@ class BuildConfig:
         from dataclasses import asdict
 
         data = asdict(self)
-        for key in ("storage_options", "progress", "overwrite"):
+        for key in ("storage_options", "progress", "overwrite", "break_lock"):
             data.pop(key)
         data["temperatures"] = list(self.temperatures)
         return data

@@ -14,6 +14,14 @@ The rules below decide the token stream, hence the dataset fingerprint of a cach
   template. Otherwise `text_field` is tokenised; when a row has no such column but has
   `input_ids`, those ids are used as-is (`text_field="input_ids"` forces this). In CSV files,
   `messages` and `input_ids` cells hold JSON.
+- Values. A text is a string; `null` (None), like "" or [], is an empty document (it keeps
+  its row number and adds no tokens). Any other value is a bad row: a number or a boolean
+  (`0` and `false` as much as `123`), a list, an object, a text holding a lone surrogate
+  (not Unicode: tokenizers refuse it), `input_ids` that are not one flat list of integers of
+  the tokenizer's vocabulary, `messages` that the chat template cannot render. A bad row stops
+  the build naming its file and row, or with --skip-bad-rows is left out and counted
+  (`cache_builder.rows`). A JSON row without the column is a bad row too (it is usually a
+  wrong --text-field; write `null` for an empty document).
 - Framing. Text and rendered messages are tokenised without special tokens, then framed the
   same way: the tokenizer's BOS in front if it adds one by default (not doubled when the text
   or template already starts with it), and EOS at the end (not doubled). Pre-tokenised
@@ -33,7 +41,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cache_builder.sources import DataError, DocumentColumn, load_rows
+from cache_builder.rows import (
+    BadRows,
+    DataError,
+    DocumentColumn,
+    skippable,
+    text_of,
+    token_ids,
+    unicode_text,
+)
+from cache_builder.sources import load_rows
 from cache_builder.tokenizer import TokenizerError
 from schemas.errors import ConfigError
 from schemas.record import document_hash
@@ -43,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IGNORE_INDEX",
+    "BadRows",
     "DataError",
     "PackedBatch",
     "Segment",
@@ -111,15 +129,18 @@ def tokenize_rows(
     text_field: str = "text",
     chat_template: bool = False,
     batch_size: int = 256,
+    bad_rows: BadRows | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Tokenise rows into documents (source_row, (n,) int32 ids), framed by BOS/EOS.
 
     Texts are tokenised `batch_size` rows at a time through the fast tokenizer. Every row gives
-    one document, empty ones included (`segments` skips them).
+    one document, empty ones included (`segments` skips them), except a bad row that
+    `bad_rows` skips. Errors name a row by its `where` (file and line) when it has one.
 
     Raises:
         TokenizerError: the tokenizer has no EOS, or no chat template with `chat_template`.
-        DataError: a row lacks its column, or its value has the wrong type or out-of-range ids.
+        DataError: (unless `bad_rows` skips it) a row lacks its column, or its value has the
+            wrong type, a lone surrogate or out-of-range ids.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -137,7 +158,8 @@ def tokenize_rows(
         )
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     select = DocumentColumn(text_field, chat_template)
-    return _tokenize(rows, tokenizer, select, bos, int(eos), batch_size)
+    bad = bad_rows if bad_rows is not None else BadRows()
+    return _tokenize(rows, tokenizer, select, bos, int(eos), batch_size, bad)
 
 
 def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -157,31 +179,27 @@ def _tokenize(
     bos: int | None,
     eos: int,
     batch_size: int,
+    bad: BadRows,
 ) -> Iterator[tuple[int, np.ndarray]]:
     vocab = len(tokenizer)
     it = iter(rows)
     while chunk := list(itertools.islice(it, batch_size)):
-        docs: list[np.ndarray] = [_EMPTY] * len(chunk)
+        docs: list[np.ndarray | None] = [_EMPTY] * len(chunk)  # None: a skipped row
         texts: list[str] = []
         slots: list[int] = []
         for i, (source_row, row) in enumerate(chunk):
-            where = f"row {source_row}"
-            col = select.column(row, where)
-            value = row[col]
-            if col == "input_ids":
-                docs[i] = _as_ids(value, vocab, where)
-            elif col == "messages":
-                if text := _render(tokenizer, value, where):
-                    texts.append(text)
-                    slots.append(i)
-            elif value:
-                if not isinstance(value, str):
-                    raise DataError(
-                        f"{where}: {col!r} is {type(value).__name__}, not str",
-                        hint="pass --text-field with a text column",
-                    )
-                texts.append(value)
+            where = getattr(row, "where", None) or f"row {source_row}"  # a `Row` knows its file
+            try:
+                doc = _document(row, tokenizer, select, vocab, where)
+            except DataError as e:
+                bad.row(e)
+                docs[i] = None
+                continue
+            if isinstance(doc, str):
+                texts.append(doc)
                 slots.append(i)
+            else:
+                docs[i] = doc
         if texts:
             encoded = tokenizer(
                 texts,
@@ -192,25 +210,42 @@ def _tokenize(
             for i, ids in zip(slots, encoded, strict=True):
                 docs[i] = _frame(ids, bos, eos)
         for (source_row, _), ids in zip(chunk, docs, strict=True):
-            yield source_row, ids
+            if ids is not None:
+                yield source_row, ids
+
+
+def _document(
+    row: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    select: DocumentColumn,
+    vocab: int,
+    where: str,
+) -> str | np.ndarray:
+    """A row's text to tokenise (non-empty), or its ids; a skippable DataError for a bad row."""
+    col = select.row_column(row, where)
+    value = row[col]
+    if col == "input_ids":
+        return token_ids(value, vocab, where)
+    text = _render(tokenizer, value, where) if col == "messages" else text_of(value, col, where)
+    return unicode_text(text, col, where) or _EMPTY
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Any, where: str) -> str:
     if messages is None or (isinstance(messages, list) and not messages):
         return ""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise DataError(
+        raise skippable(
             f"{where}: 'messages' is not a list of {{'role': ..., 'content': ...}} objects",
-            hint="write each conversation as a list of role/content objects",
+            "write each conversation as a list of role/content objects",
         )
     from jinja2 import TemplateError
 
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     except TemplateError as e:
-        raise DataError(
+        raise skippable(
             f"{where}: the chat template rejected these messages: {e}",
-            hint="fix the conversation (e.g. roles must alternate) or drop the row",
+            "fix the conversation (e.g. roles must alternate)",
         ) from e
     return str(text)
 
@@ -223,48 +258,30 @@ def _frame(ids: list[int], bos: int | None, eos: int) -> np.ndarray:
     return np.asarray(head + ids + tail, dtype=np.int32)
 
 
-def _as_ids(value: Any, vocab: int, where: str) -> np.ndarray:
-    if value is None:
-        return _EMPTY
-    ids = np.asarray(value)
-    if ids.size == 0:
-        return _EMPTY
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise DataError(
-            f"{where}: 'input_ids' is not a flat list of integers (dtype {ids.dtype}, "
-            f"shape {ids.shape})",
-            hint="store one list of token ids per row",
-        )
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab:
-        raise DataError(
-            f"{where}: 'input_ids' holds ids in [{lo}, {hi}], outside the tokenizer's "
-            f"vocabulary [0, {vocab})",
-            hint="tokenise the data with the teacher's tokenizer, or pass --text-field to "
-            "tokenise a text column instead",
-        )
-    return ids.astype(np.int32)
-
-
 # ----------------------------------------------------------------------------- windows and rows
 
 
 def segments(
-    docs: Iterable[tuple[int, np.ndarray]], max_length: int, *, source: str = "the dataset"
+    docs: Iterable[tuple[int, np.ndarray]],
+    max_length: int,
+    *,
+    source: str = "the dataset",
+    bad_rows: BadRows | None = None,
 ) -> Iterator[Segment]:
     """Cut documents into windows of at most `max_length` tokens; skip empty documents.
 
     Raises:
         ConfigError: max_length < 1.
-        DataError: (when iterated to the end) no document had any token; `source` names it.
+        DataError: (when iterated to the end) no document had any token; `source` names it,
+            and `bad_rows` what was skipped.
     """
     if max_length < 1:
         raise ConfigError(f"--max-length must be at least 1, got {max_length}")
-    return _windows(docs, max_length, source)
+    return _windows(docs, max_length, source, bad_rows or BadRows())
 
 
 def _windows(
-    docs: Iterable[tuple[int, np.ndarray]], max_length: int, source: str
+    docs: Iterable[tuple[int, np.ndarray]], max_length: int, source: str, bad: BadRows
 ) -> Iterator[Segment]:
     any_tokens = False
     for source_row, ids in docs:
@@ -273,8 +290,9 @@ def _windows(
             any_tokens = True
             yield Segment(source_row, start, ids[start : start + max_length], key)
     if not any_tokens:
+        why = bad.report() or "every row was empty"
         raise DataError(
-            f"{source} holds no documents after tokenisation (every row was empty)",
+            f"{source} holds no documents after tokenisation ({why})",
             hint="check --text-field (or --chat-template) names the column with the data",
         )
 

@@ -4,29 +4,25 @@
 token stream, hence the dataset fingerprint of a cache:
 
 - Sources. `dataset` is a file, a glob, a directory, or a hub dataset id (or a list of these,
-  read in the order given). Files are .jsonl/.ndjson, .json (JSON lines or one array of
-  objects), .parquet, .csv and .txt, optionally compressed (.gz, .bz2, .xz); local paths or
-  fsspec URLs. Globs and directories are read in sorted path order (a directory: every
+  read in the order given). Files are those of `cache_builder.formats`; local paths or fsspec
+  URLs. Globs and directories are read in sorted path order (a directory: every
   supported file below it, names starting with "." or "_" skipped). A directory written by
   `datasets.save_to_disk` is read with `datasets.load_from_disk`; an id that is not a local path
   with `datasets.load_dataset(id, split=split, streaming=True)`. Everything is streamed except
   a .json array, which is parsed whole.
 - Splits. Files hold one split, "train"; a saved `Dataset` holds "train" or the split it was
   saved from; a saved `DatasetDict` and a hub dataset are asked for `split`.
-- Rows. A .txt file holds one document per block of lines; blocks are separated by blank
-  (whitespace-only) lines, and a block's lines are joined with "\\n". `source_row` numbers the
-  rows of all sources together from 0, empty documents included.
+- Rows. `source_row` numbers the rows of all sources together from 0, empty documents and bad
+  rows included (`cache_builder.rows`: a bad row stops the build, or is skipped and counted);
+  `max_rows` stops before reading row `max_rows`.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fsspec.core import url_to_fs
@@ -34,55 +30,14 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 from fsspec.utils import compressions, infer_compression
 
-from schemas.errors import KdcacheError
+from cache_builder.formats import FILE_READERS, read_file
+from cache_builder.rows import BadRows, DataError, DocumentColumn, Row, listing
 
-__all__ = ["DataError", "DocumentColumn", "load_rows"]
+__all__ = ["BadRows", "DataError", "DocumentColumn", "Row", "load_rows"]
 
 _READ_BATCH = 1024  # rows per record batch read from parquet or a datasets Arrow table
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-class DataError(KdcacheError, ValueError):
-    """The dataset cannot be read as asked: missing, empty, or without the needed column."""
-
-
-# ----------------------------------------------------------------------------- columns
-
-
-@dataclass(frozen=True)
-class DocumentColumn:
-    """Which column of a row holds its document: `messages` under --chat-template, else
-    `text_field`, else pre-tokenised `input_ids`."""
-
-    text_field: str
-    chat_template: bool
-
-    def column(self, columns: Iterable[str] | dict[str, Any], where: str) -> str:
-        """The column a row's document is read from, or a DataError naming the ones there are."""
-        cols = columns if isinstance(columns, dict) else set(columns)
-        if self.chat_template:
-            if "messages" in cols:
-                return "messages"
-            raise DataError(
-                f"{where} has no 'messages' column, which --chat-template renders "
-                f"(columns: {_listing(cols)})",
-                hint="give a 'messages' column of [{'role': ..., 'content': ...}] lists, "
-                "or drop --chat-template to tokenise --text-field",
-            )
-        if self.text_field in cols:
-            return self.text_field
-        if "input_ids" in cols:
-            return "input_ids"
-        raise DataError(
-            f"{where} has no {self.text_field!r} column (columns: {_listing(cols)})",
-            hint="pass --text-field with the column that holds the text, add a pre-tokenised "
-            "'input_ids' column, or use --chat-template for a 'messages' column",
-        )
-
-
-def _listing(cols: Iterable[str]) -> str:
-    return ", ".join(repr(c) for c in sorted(cols)) or "none"
 
 
 # ----------------------------------------------------------------------------- sources
@@ -94,33 +49,50 @@ def load_rows(
     split: str = "train",
     text_field: str = "text",
     chat_template: bool = False,
-) -> Iterator[tuple[int, dict[str, Any]]]:
+    max_rows: int | None = None,
+    bad_rows: BadRows | None = None,
+) -> Iterator[tuple[int, Row]]:
     """Read a dataset as (source_row, row), in a deterministic order (see the module docstring).
 
     Each row holds only the column its document is read from (`messages`, `text_field` or
-    `input_ids`). Missing paths and columns raise at once or at the first row concerned.
+    `input_ids`), and where it was read. Missing paths and columns raise at once or at the
+    first row concerned; bad rows and files go to `bad_rows` (default: the first one raises).
 
     Raises:
         DataError: a path is missing, a glob matches nothing, a format is unknown, a column
-            is missing, a split does not exist, or the dataset has no rows.
+            is missing, a split does not exist, the dataset has no rows, or (unless skipped)
+            a row or a file is bad.
     """
+    bad = bad_rows if bad_rows is not None else BadRows()
     select = DocumentColumn(text_field, chat_template)
     names = [dataset] if isinstance(dataset, str) else list(dataset)
     if not names:
         raise DataError("no dataset given", hint="pass --dataset with a file, glob or hub id")
-    readers = [_reader(name, split, select) for name in names]  # resolve paths eagerly
-    return _numbered(itertools.chain.from_iterable(readers), ", ".join(names))
+    readers = [_reader(name, split, select, bad) for name in names]  # resolve paths eagerly
+    return _numbered(itertools.chain.from_iterable(readers), ", ".join(names), max_rows, bad)
 
 
-def _numbered(rows: Iterator[dict[str, Any]], name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _numbered(
+    rows: Iterator[Row | None], name: str, max_rows: int | None, bad: BadRows
+) -> Iterator[tuple[int, Row]]:
+    """Number the rows, skipped ones (None) included; stop before row `max_rows`."""
     count = 0
-    for count, row in enumerate(rows, 1):
-        yield count - 1, row
+    while max_rows is None or count < max_rows:
+        row = next(rows, _END)
+        if row is _END:
+            break
+        if row is not None:
+            yield count, row
+        count += 1
     if count == 0:
+        skipped = f"; {bad.report()}" if bad.files else ""
         raise DataError(
-            f"dataset {name!r} has no rows",
+            f"dataset {name!r} has no rows{skipped}",
             hint="check that the files are not empty and that --dataset/--split point at data",
         )
+
+
+_END: Any = object()
 
 
 def _format(path: str) -> tuple[str | None, str | None]:
@@ -130,10 +102,10 @@ def _format(path: str) -> tuple[str | None, str | None]:
     if ext[1:] in compressions and ext != ".zip":
         compression = infer_compression(path)
         stem, ext = os.path.splitext(stem)
-    return (ext if ext in _FILE_READERS else None), compression
+    return (ext if ext in FILE_READERS else None), compression
 
 
-def _reader(name: str, split: str, select: DocumentColumn) -> Iterator[dict[str, Any]]:
+def _reader(name: str, split: str, select: DocumentColumn, bad: BadRows) -> Iterator[Row | None]:
     url = name if "://" in name else os.path.expanduser(name)
     fs, path = url_to_fs(url)
     if match := _GLOB_CHARS.search(path):
@@ -145,7 +117,7 @@ def _reader(name: str, split: str, select: DocumentColumn) -> Iterator[dict[str,
         )
         if not files:
             raise DataError(f"no files match {name!r}", hint="check the pattern and the path")
-        return _read_files(fs, files, name, split, select)
+        return _read_files(fs, files, name, split, select, bad)
     if fs.isdir(path):
         if fs.exists(f"{path}/dataset_dict.json") or fs.exists(f"{path}/state.json"):
             return _read_saved(url, split, select)
@@ -158,11 +130,11 @@ def _reader(name: str, split: str, select: DocumentColumn) -> Iterator[dict[str,
                 hint=f"put {_supported()} files in it, or save a dataset there with "
                 "datasets.save_to_disk",
             )
-        return _read_files(fs, files, name, split, select)
+        return _read_files(fs, files, name, split, select, bad)
     if fs.isfile(path):
-        return _read_files(fs, [path], name, split, select)
+        return _read_files(fs, [path], name, split, select, bad)
     if "://" not in name and _HUB_ID.fullmatch(name) and _format(name)[0] is None:
-        return _read_hub(name, split, select)
+        return _read_hub(name, split, select, bad)
     raise DataError(
         f"dataset {name!r} not found: no such file or directory",
         hint="check the path (globs are allowed, e.g. 'data/*.jsonl'), or pass a hub dataset id",
@@ -176,12 +148,17 @@ def _hidden(relative_path: str, prefixes: str) -> bool:
 
 
 def _supported() -> str:
-    return "/".join(sorted(_FILE_READERS))
+    return "/".join(sorted(FILE_READERS))
 
 
 def _read_files(
-    fs: AbstractFileSystem, files: list[str], name: str, split: str, select: DocumentColumn
-) -> Iterator[dict[str, Any]]:
+    fs: AbstractFileSystem,
+    files: list[str],
+    name: str,
+    split: str,
+    select: DocumentColumn,
+    bad: BadRows,
+) -> Iterator[Row | None]:
     """Check the files and the split at once, then read the files one after the other."""
     if split != "train":
         raise DataError(
@@ -197,127 +174,10 @@ def _read_files(
                 hint=f"use {_supported()} files (optionally .gz/.bz2/.xz compressed)",
             )
     return itertools.chain.from_iterable(
-        _FILE_READERS[fmt](fs, path, compression, select, where)
+        read_file(FILE_READERS[fmt], fs, path, compression, select, where, bad)
         for where, path, fmt, compression in plan
         if fmt is not None
     )
-
-
-def _open_text(
-    fs: AbstractFileSystem, path: str, compression: str | None, newline: str | None = None
-) -> Any:
-    return fs.open(path, "rt", compression=compression, encoding="utf-8", newline=newline)
-
-
-def _read_jsonl(
-    fs: AbstractFileSystem, path: str, compression: str | None, select: DocumentColumn, where: str
-) -> Iterator[dict[str, Any]]:
-    with _open_text(fs, path, compression) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{where}:{lineno} is not valid JSON ({e})",
-                    hint="write one JSON object per line",
-                ) from e
-            yield _project(row, select, f"{where}:{lineno}")
-
-
-def _read_json(
-    fs: AbstractFileSystem, path: str, compression: str | None, select: DocumentColumn, where: str
-) -> Iterator[dict[str, Any]]:
-    with _open_text(fs, path, compression) as f:
-        head = ""
-        while not head and (chunk := f.read(4096)):
-            head = chunk.lstrip()
-    if not head.startswith("["):  # JSON lines in a .json file, as `datasets` accepts them
-        yield from _read_jsonl(fs, path, compression, select, where)
-        return
-    with _open_text(fs, path, compression) as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{where} is not valid JSON ({e})", hint="write an array of objects or JSON lines"
-            ) from e
-    for i, row in enumerate(rows):
-        yield _project(row, select, f"{where}[{i}]")
-
-
-def _project(row: Any, select: DocumentColumn, where: str) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise DataError(
-            f"{where} is a JSON {type(row).__name__}, not an object",
-            hint='write one object per row, e.g. {"text": "..."}',
-        )
-    col = select.column(row, where)
-    return {col: row[col]}
-
-
-def _read_parquet(
-    fs: AbstractFileSystem, path: str, compression: str | None, select: DocumentColumn, where: str
-) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb", compression=compression) as f:
-        pf = pq.ParquetFile(f)
-        col = select.column(pf.schema_arrow.names, where)
-        for batch in pf.iter_batches(batch_size=_READ_BATCH, columns=[col]):
-            for value in batch.column(0).to_pylist():
-                yield {col: value}
-
-
-def _read_csv(
-    fs: AbstractFileSystem, path: str, compression: str | None, select: DocumentColumn, where: str
-) -> Iterator[dict[str, Any]]:
-    csv.field_size_limit(2**31 - 1)  # documents are longer than the 128 KiB default
-    with _open_text(fs, path, compression, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:  # an empty file
-            return
-        col = select.column(reader.fieldnames, where)
-        for row in reader:
-            value = row[col]
-            if col in ("messages", "input_ids"):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{where} line {reader.line_num}: the {col!r} cell is not JSON ({e})",
-                        hint=f"write {col!r} cells as JSON lists",
-                    ) from e
-            yield {col: value}
-
-
-def _read_txt(
-    fs: AbstractFileSystem, path: str, compression: str | None, select: DocumentColumn, where: str
-) -> Iterator[dict[str, Any]]:
-    if select.chat_template:
-        raise DataError(
-            f"{where} is a text file: it has no 'messages' for --chat-template",
-            hint="use jsonl or parquet with a 'messages' column, or drop --chat-template",
-        )
-    block: list[str] = []
-    with _open_text(fs, path, compression) as f:
-        for line in itertools.chain(f, [""]):
-            if line.strip():
-                block.append(line.rstrip("\r\n"))
-            elif block:
-                yield {select.text_field: "\n".join(block)}
-                block = []
-
-
-_FILE_READERS = {
-    ".csv": _read_csv,
-    ".json": _read_json,
-    ".jsonl": _read_jsonl,
-    ".ndjson": _read_jsonl,
-    ".parquet": _read_parquet,
-    ".txt": _read_txt,
-}
 
 
 def _import_datasets(name: str) -> Any:
@@ -331,13 +191,13 @@ def _import_datasets(name: str) -> Any:
     return datasets
 
 
-def _read_saved(url: str, split: str, select: DocumentColumn) -> Iterator[dict[str, Any]]:
+def _read_saved(url: str, split: str, select: DocumentColumn) -> Iterator[Row | None]:
     datasets = _import_datasets(url)
     ds = datasets.load_from_disk(url)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(
-                f"{url!r} has no split {split!r} (splits: {_listing(ds.keys())})",
+                f"{url!r} has no split {split!r} (splits: {listing(ds.keys())})",
                 hint="pass --split with one of them",
             )
         ds = ds[split]
@@ -347,14 +207,15 @@ def _read_saved(url: str, split: str, select: DocumentColumn) -> Iterator[dict[s
             hint="keep --split train, or save a DatasetDict with that split",
         )
     col = select.column(ds.column_names, url)
-    return (
-        {col: value}
+    values = (
+        value
         for batch in ds.select_columns([col]).iter(batch_size=_READ_BATCH)
         for value in batch[col]
     )
+    return (Row(col, value, f"{url} row {i}") for i, value in enumerate(values))
 
 
-def _read_hub(name: str, split: str, select: DocumentColumn) -> Iterator[dict[str, Any]]:
+def _read_hub(name: str, split: str, select: DocumentColumn, bad: BadRows) -> Iterator[Row | None]:
     datasets = _import_datasets(name)
     try:
         ds = datasets.load_dataset(name, split=split, streaming=True)
@@ -365,4 +226,19 @@ def _read_hub(name: str, split: str, select: DocumentColumn) -> Iterator[dict[st
             hint="check the path, or the hub id, --split and network access "
             "(HF_DATASETS_OFFLINE must be unset)",
         ) from e
-    return (_project(row, select, f"{name} row {i}") for i, row in enumerate(ds))
+    return _hub_rows(ds, name, select, bad)
+
+
+def _hub_rows(
+    ds: Iterator[dict[str, Any]], name: str, select: DocumentColumn, bad: BadRows
+) -> Iterator[Row | None]:
+    """A streamed dataset's rows, whose columns may differ from row to row."""
+    for i, row in enumerate(ds):
+        where = f"{name} row {i}"
+        try:
+            col = select.row_column(row, where)
+        except DataError as e:
+            bad.row(e)
+            yield None
+            continue
+        yield Row(col, row[col], where)

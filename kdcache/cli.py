@@ -56,6 +56,14 @@ def cache_url(option: str) -> Callable[[click.Context, click.Parameter, Any], An
     return check
 
 
+_BREAK_LOCK_HELP = (
+    "Take the output's lock (lock.json) even from a writer that looks alive: only when it is "
+    "dead (killed, its machine lost). A lock whose heartbeat is older than its stale time "
+    "(300 s, or KDCACHE_LOCK_STALE_SECONDS; a live writer renews it every tenth of that) is "
+    "taken over without this."
+)
+
+
 def storage_option(fn: F) -> F:
     """`--storage-option KEY=VALUE` (repeatable), handed to fsspec for every URL a command
     opens."""
@@ -268,6 +276,14 @@ def _floats(text: str | None) -> tuple[float, ...]:
     "--max-documents", type=int, help="Use only the first N rows of the dataset (quick trials)."
 )
 @click.option(
+    "--skip-bad-rows",
+    is_flag=True,
+    help="Leave out rows that cannot be read or tokenised (invalid UTF-8 or JSON, a text that "
+    "is not a string, ragged input_ids, ...) and the unreadable rest of a corrupt or truncated "
+    "file; they are counted in the summary and the manifest. Without it the first one stops "
+    "the build, naming its file and row. A null text is an empty document, not a bad row.",
+)
+@click.option(
     "--max-length",
     default=2048,
     show_default=True,
@@ -330,6 +346,7 @@ def _floats(text: str | None) -> tuple[float, ...]:
 @click.option(
     "--overwrite", is_flag=True, help="Replace a cache at --out made with other settings."
 )
+@click.option("--break-lock", is_flag=True, help=_BREAK_LOCK_HELP)
 @click.option(
     "--progress/--no-progress",
     default=True,
@@ -343,7 +360,8 @@ def build(**opts: Any) -> None:
 
     \b
     Re-running the same command resumes an interrupted build; on a finished cache it says so
-    and exits 0; on a cache made with other settings it refuses unless --overwrite.
+    and exits 0; on a cache made with other settings it refuses unless --overwrite. While it
+    runs, the build holds a lock on --out (lock.json): a second build there refuses at once.
     Under torchrun, every rank writes its own shards:
       torchrun --nproc_per_node 8 -m kdcache build --teacher ... --dataset ... --out s3://...
 
@@ -464,7 +482,13 @@ class _LazyChoice(click.Choice):
     show_default=True,
     help="Save a resumable checkpoint every N steps.",
 )
-@click.option("--resume", is_flag=True, help="Continue exactly from the checkpoint in --out.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue exactly from the checkpoint in --out. Refuses, naming each, a changed setting "
+    "that alters what is trained (cache, student, loss and its options, schedule, batch, seed, "
+    "...); where the run writes, how often it reports and where it runs may change.",
+)
 @click.option(
     "--eval-cache",
     callback=cache_url("--eval-cache"),
@@ -546,10 +570,15 @@ _OVERWRITE_HELP = (
     "--out", required=True, callback=cache_url("--out"), help="Where the merged cache goes."
 )
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@click.option("--break-lock", is_flag=True, help=_BREAK_LOCK_HELP)
 @storage_option
 @friendly_errors
 def merge(
-    caches: tuple[str, ...], out: str, overwrite: bool, storage_option: tuple[str, ...]
+    caches: tuple[str, ...],
+    out: str,
+    overwrite: bool,
+    break_lock: bool,
+    storage_option: tuple[str, ...],
 ) -> None:
     """Merge caches into one, keeping each document once.
 
@@ -574,7 +603,8 @@ def merge(
     from schemas.derive import merge_caches
 
     options = _storage_options(storage_option)
-    click.echo(merge_caches(caches, out, overwrite=overwrite, **options).summary())
+    result = merge_caches(caches, out, overwrite=overwrite, break_lock=break_lock, **options)
+    click.echo(result.summary())
 
 
 @main.command()
@@ -596,6 +626,7 @@ def merge(
 )
 @click.option("--seed", default=0, show_default=True, help="Which documents go to val.")
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@click.option("--break-lock", is_flag=True, help=_BREAK_LOCK_HELP)
 @storage_option
 @friendly_errors
 def split(
@@ -605,6 +636,7 @@ def split(
     out_val: str,
     seed: int,
     overwrite: bool,
+    break_lock: bool,
     storage_option: tuple[str, ...],
 ) -> None:
     """Split CACHE into train and val by whole documents: all windows of a document (same
@@ -630,6 +662,7 @@ def split(
         out_val=out_val,
         seed=seed,
         overwrite=overwrite,
+        break_lock=break_lock,
         **_storage_options(storage_option),
     )
     click.echo(result.summary())
@@ -640,10 +673,16 @@ def split(
 @click.option("--max-tokens", type=int, required=True, help="The most tokens the subset holds.")
 @click.option("--out", required=True, callback=cache_url("--out"), help="Where the subset goes.")
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@click.option("--break-lock", is_flag=True, help=_BREAK_LOCK_HELP)
 @storage_option
 @friendly_errors
 def subset(
-    cache: str, max_tokens: int, out: str, overwrite: bool, storage_option: tuple[str, ...]
+    cache: str,
+    max_tokens: int,
+    out: str,
+    overwrite: bool,
+    break_lock: bool,
+    storage_option: tuple[str, ...],
 ) -> None:
     """The start of CACHE: its sequences in cache order (shard by shard), whole, up to the
     first one that would take the total past --max-tokens. The subset never holds more than
@@ -663,6 +702,11 @@ def subset(
     options = _storage_options(storage_option)
     click.echo(
         subset_cache(
-            cache, max_tokens=max_tokens, out=out, overwrite=overwrite, **options
+            cache,
+            max_tokens=max_tokens,
+            out=out,
+            overwrite=overwrite,
+            break_lock=break_lock,
+            **options,
         ).summary()
     )

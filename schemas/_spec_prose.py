@@ -118,6 +118,11 @@ A cache is a directory, or a prefix on an object store (any fsspec URL: `s3://`,
     "immutable once the manifest lists it",
     "commit_row": "the commit record of a finished shard: its entry of the manifest's "
     "`shards`, plus `staged`, where it was staged",
+    "lock_row": "{what}: its owner (run id, command, host, pid, torchrun job), when it was "
+    "taken and its last heartbeat (renewed every tenth of `stale_after`, in seconds). Not part "
+    "of the cache: a reader ignores it; a writer refuses while it is fresh and takes it over "
+    "once its heartbeat is older than `stale_after`. Absent when no writer runs, or left by a "
+    "killed one (so are its temporaries, `.lock-*.tmp`)",
     "tmp_row": "a file being replaced atomically (local disks): not part of the cache",
     "directory_glob": """
 `shards/` only ever holds committed shards (each has its record in `commits/`), so a glob over
@@ -232,7 +237,9 @@ disk; on an object store a copy on the store's side, then a delete), and the man
 rewritten. A build killed between the record and the end of the move finishes the move when
 it is run again (the staged copy is checked against the record's checksum first). Commit
 records and every rewrite of `manifest.json` are written in one piece (a local file through a
-`.tmp-*` sibling, fsync and rename; an object in one upload). `status` turns `complete`, with
+`.tmp-*` sibling, fsync and rename; an object in one upload). On a local disk every file and
+folder of the staged shard is fsynced before its record is written, and each rename is made
+durable (an fsync of its folder) before the next step. `status` turns `complete`, with
 the `fidelity` block, once shards 0..n-1 are all committed and moved. A consumer that needs
 the whole cache checks `status`.
 """,

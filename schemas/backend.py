@@ -29,12 +29,14 @@ from typing import Any, ClassVar
 from fsspec import AbstractFileSystem
 
 from schemas._columns import StoredShard, from_stored, to_stored
+from schemas._durable import sync_folder
+from schemas._retry import transient
 from schemas.encodings import TopkEncoding
-from schemas.errors import CacheCorruptError, CacheNotFoundError
+from schemas.errors import CacheCorruptError, CacheNotFoundError, KdcacheError
 from schemas.fidelity import ShardFidelity, measure
 from schemas.manifest import SHARD_DIR, ShardInfo
 from schemas.record import Layout, ShardRecords
-from schemas.storage import join, move_tree
+from schemas.storage import is_local, join, move_tree
 from schemas.version import FORMAT_VERSION
 
 IDENTITY_KEY = "kdcache"
@@ -161,6 +163,8 @@ def publish_shard(fs: AbstractFileSystem, root: str, staged: str, name: str) -> 
         fs.rm(final, recursive=True)
     fs.makedirs(join(root, SHARD_DIR), exist_ok=True)
     move_tree(fs, staged, final)
+    if is_local(fs):  # the move on the disk before a manifest may list the shard
+        sync_folder(join(root, SHARD_DIR))
 
 
 class ShardReader(ABC):
@@ -215,9 +219,11 @@ class ShardReader(ABC):
         try:
             stored = self._read_stored(start, stop)
             stored.check(self.layout, self.encoding)
-        except CacheCorruptError:
+        except KdcacheError:  # a StorageError after retries: the store failed, not the shard
             raise
         except Exception as exc:  # codec, key, shape and offset errors all mean a damaged shard
+            if transient(exc):  # a store failing inside zarr's reads: `Cache` names the URL
+                raise
             raise self._corrupt(exc) from exc
         return stored
 

@@ -30,6 +30,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from schemas._arrow import ArrowShardReader, ArrowShardWriter
+from schemas._durable import sync_tree
 from schemas._jsonparse import decode_json
 from schemas._zarr import ZarrShardReader, ZarrShardWriter
 from schemas.backend import (
@@ -42,6 +43,7 @@ from schemas.backend import (
 from schemas.encodings import TopkEncoding
 from schemas.errors import CacheCorruptError, CacheNotFoundError, IncompatibleCacheError
 from schemas.fidelity import summarize
+from schemas.lock import CacheLock, is_lock_file
 from schemas.manifest import (
     MAX_COMMIT_BYTES,
     MAX_MANIFEST_BYTES,
@@ -57,12 +59,15 @@ from schemas.manifest import (
 from schemas.record import Layout, ShardRecords
 from schemas.storage import (
     check_cache_tree,
+    check_url,
     checksum_file,
     checksum_tree,
+    is_local,
     join,
     read_bounded,
     real_root,
     resolve,
+    shown,
     storage_errors,
     write_bytes_atomic,
 )
@@ -235,6 +240,35 @@ def open_cache(url: str, *, require_complete: bool = False, **storage_options: A
     return Cache(url, fs, root, manifest)
 
 
+def check_output(
+    url: str, *, overwrite: bool = False, option: str = "--out", **storage_options: Any
+) -> None:
+    """Refuse `url` as the output of a build or a derivation when it is a directory that holds
+    something other than a cache (`IncompatibleCacheError` naming `option`), unless `overwrite`:
+    the cache would be mixed into someone's files. A cache, one a killed writer began (only
+    kdcache's own entries, its lock, `.tmp-*` files of atomic writes), an empty directory and a
+    missing one pass. One listing, so commands call it before any slow work; a scheme fsspec
+    cannot open is refused first, naming `option`.
+    """
+    check_url(url, option)
+    fs, root = resolve(url, **storage_options)
+    with storage_errors(url, "checking the output"):
+        if overwrite or not fs.isdir(root) or fs.exists(join(root, MANIFEST)):
+            return
+        names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    own = {MANIFEST, COMMITS, SHARD_DIR, STAGING_DIR, TOKENIZER_DIR}
+    foreign = [
+        n for n in names if n not in own and not n.startswith(".tmp-") and not is_lock_file(n)
+    ]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise IncompatibleCacheError(
+            f"{shown(url)} exists, is not empty and holds no kdcache cache "
+            f"(it holds {foreign[0]!r}{more})",
+            hint=f"choose another {option}, or pass --overwrite to write into it anyway",
+        )
+
+
 def read_manifest(fs: AbstractFileSystem, path: str) -> Manifest:
     """Parse the manifest at `path`: a regular file (no link) of at most `MAX_MANIFEST_BYTES`."""
     data = read_bounded(fs, path, MAX_MANIFEST_BYTES, root=path.rsplit("/", 1)[0])
@@ -246,7 +280,9 @@ class CacheWriter:
     """Creates or resumes the cache at `url` for a build described by `draft`.
 
     `draft` is the manifest of the finished cache minus its shards. `owner` is the one process
-    (rank 0) that rewrites the manifest; every rank writes and commits its own shards.
+    (rank 0) that rewrites the manifest; every rank writes and commits its own shards. `lock`,
+    the writer's `CacheLock` on `url` (taken by the caller, which can refuse before any slow
+    work), is checked before every commit: a writer that lost it commits nothing more.
     """
 
     def __init__(
@@ -256,9 +292,10 @@ class CacheWriter:
         *,
         overwrite: bool = False,
         owner: bool = True,
+        lock: CacheLock | None = None,
         **storage_options: Any,
     ) -> None:
-        self.url, self.owner = url, owner
+        self.url, self.owner, self.lock = url, owner, lock
         self.fs, self.root = resolve(url, **storage_options)
         self.draft = dataclasses.replace(
             draft,
@@ -363,9 +400,13 @@ class CacheWriter:
     def commit(self, info: ShardInfo, *, staged: str | None = None) -> None:
         """Make a finished shard part of the cache: its record, then (from `staged`, a sealed
         shard in `staging/`) its move into `shards/`, then the manifest."""
+        if self.lock is not None:
+            self.lock.check()
         record = dataclasses.asdict(info)
         if staged is not None:
             record["staged"] = posixpath.relpath(staged, self.root)
+            if is_local(self.fs):  # the shard's bytes on the disk before the record naming them
+                sync_tree(staged)
         blob = json.dumps(record, indent=1).encode()
         write_bytes_atomic(self.fs, join(self.root, COMMITS, f"{info.index:06d}.json"), blob)
         if staged is not None:
@@ -375,6 +416,8 @@ class CacheWriter:
 
     def finalize(self, num_shards: int, **updates: Any) -> Manifest:
         """Mark the cache complete once shards 0..num_shards-1 are all committed (owner only)."""
+        if self.lock is not None:
+            self.lock.check()
         shards = self.committed()
         missing = sorted(set(range(num_shards)) - set(shards))
         if missing:

@@ -16,6 +16,7 @@ Only complete caches of format 2.0 or later qualify: 1.x caches carry no content
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -27,11 +28,12 @@ import numpy as np
 from fsspec import AbstractFileSystem
 
 from schemas._transfer import rewrite, take_over
-from schemas.cache import MANIFEST, Cache, CacheWriter, differences, open_cache
+from schemas.cache import Cache, CacheWriter, check_output, differences, open_cache
 from schemas.errors import CacheCorruptError, ConfigError, IncompatibleCacheError
 from schemas.fingerprint import config_fingerprint
+from schemas.lock import CacheLock
 from schemas.manifest import DatasetInfo, Derivation, Manifest, ShardInfo, SourceCache
-from schemas.storage import is_local, join, public_location, resolve
+from schemas.storage import is_local, public_location, resolve
 from schemas.version import parse_version
 
 _MEANING = ("top_k", "max_length", "packing", "num_samples", "sample_temperature",
@@ -132,7 +134,12 @@ class _Take:
 
 
 def merge_caches(
-    sources: Sequence[str], out: str, *, overwrite: bool = False, **storage_options: Any
+    sources: Sequence[str],
+    out: str,
+    *,
+    overwrite: bool = False,
+    break_lock: bool = False,
+    **storage_options: Any,
 ) -> DeriveResult:
     """Merge caches of the same teacher, tokenizer, layout, encoding and build settings.
 
@@ -168,7 +175,8 @@ def merge_caches(
         dropped_docs += int(np.isin(np.unique(keys), seen).sum())
         seen = np.union1d(seen, keys)
     options = {"deduplicate": "document_hash"}
-    derived = _write(out, "merge", caches, options, takes, overwrite, storage_options)
+    with _locked([out], "kdcache merge", break_lock, storage_options) as locks:
+        derived = _write(out, "merge", caches, options, takes, overwrite, locks[0], storage_options)
     total = sum(c.manifest.num_tokens for c in caches)
     return DeriveResult("merge", (derived,), total, (dropped_docs, dropped_seqs, dropped_tokens))
 
@@ -181,6 +189,7 @@ def split_cache(
     out_val: str,
     seed: int = 0,
     overwrite: bool = False,
+    break_lock: bool = False,
     **storage_options: Any,
 ) -> DeriveResult:
     """Split a cache by whole documents: every window of a document goes to the same side.
@@ -215,16 +224,25 @@ def split_cache(
                 hint="choose a fraction that leaves documents on both sides",
             )
     outputs = []
-    for part, url in (("train", out_train), ("val", out_val)):
-        options = {"val_fraction": val_fraction, "seed": seed, "part": part}
-        outputs.append(
-            _write(url, "split", [cache], options, parts[part], overwrite, storage_options)
-        )
+    # Both outputs are locked before either is written: a refusal leaves neither half done.
+    with _locked([out_train, out_val], "kdcache split", break_lock, storage_options) as locks:
+        for (part, url), lock in zip((("train", out_train), ("val", out_val)), locks, strict=True):
+            options = {"val_fraction": val_fraction, "seed": seed, "part": part}
+            takes = parts[part]
+            outputs.append(
+                _write(url, "split", [cache], options, takes, overwrite, lock, storage_options)
+            )
     return DeriveResult("split", tuple(outputs), int(lengths.sum()))
 
 
 def subset_cache(
-    source: str, *, max_tokens: int, out: str, overwrite: bool = False, **storage_options: Any
+    source: str,
+    *,
+    max_tokens: int,
+    out: str,
+    overwrite: bool = False,
+    break_lock: bool = False,
+    **storage_options: Any,
 ) -> DeriveResult:
     """The longest run of whole sequences, from the start of the cache in its order, that
     holds at most `max_tokens` tokens: whole shards taken over, the last one cut (rewritten)."""
@@ -251,7 +269,10 @@ def subset_cache(
             hint=f"give --max-tokens {first} or more",
         )
     options = {"max_tokens": max_tokens}
-    derived = _write(out, "subset", [cache], options, takes, overwrite, storage_options)
+    with _locked([out], "kdcache subset", break_lock, storage_options) as locks:
+        derived = _write(
+            out, "subset", [cache], options, takes, overwrite, locks[0], storage_options
+        )
     return DeriveResult("subset", (derived,), cache.manifest.num_tokens)
 
 
@@ -315,6 +336,20 @@ def _scan(source: int, cache: Cache) -> Iterator[_Scanned]:
         yield _Scanned(source, info, seq["document_hash"], seq["source_start"], lengths)
 
 
+@contextlib.contextmanager
+def _locked(
+    outs: list[str], command: str, break_lock: bool, storage_options: dict[str, Any]
+) -> Iterator[list[CacheLock]]:
+    """The lock on each output, taken in order, all released when the block ends."""
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(
+                CacheLock.acquire(url, command=command, break_lock=break_lock, **storage_options)
+            )
+            for url in outs
+        ]
+
+
 def _check_outputs(outs: list[str], sources: list[Cache], storage_options: dict[str, Any]) -> None:
     """Refuse an output that is a source or another output (it would be overwritten)."""
     places = [(c.fs, _real(c.fs, c.root), c.url) for c in sources]
@@ -342,17 +377,14 @@ def _write(
     options: dict[str, Any],
     takes: list[_Take],
     overwrite: bool,
+    lock: CacheLock,
     storage_options: dict[str, Any],
 ) -> Derived:
-    """Write (or resume, or confirm) the derived cache at `url`: one output shard per take."""
+    """Write (or resume, or confirm) the derived cache at `url`, holding `lock` on it: one
+    output shard per take."""
     draft = _draft(operation, sources, options, takes)
-    fs, root = resolve(url, **storage_options)
-    if not fs.exists(join(root, MANIFEST)) and fs.isdir(root) and fs.ls(root) and not overwrite:
-        raise IncompatibleCacheError(
-            f"{url} exists, is not empty and holds no kdcache cache",
-            hint="choose another --out, or pass --overwrite to write into it anyway",
-        )
-    writer = CacheWriter(url, draft, overwrite=overwrite, **storage_options)
+    check_output(url, overwrite=overwrite, **storage_options)
+    writer = CacheWriter(url, draft, overwrite=overwrite, lock=lock, **storage_options)
     size = (url, draft.dataset.num_tokens, draft.dataset.num_documents, len(takes))
     if writer.complete:
         return Derived(*size, already_complete=True)

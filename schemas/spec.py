@@ -27,6 +27,7 @@ import numpy as np
 from schemas import (
     _arrow,
     _lehmer,
+    _lockstores,
     _spec_tables,
     _zarr,
     backend,
@@ -74,6 +75,7 @@ def _directory(w: Written) -> str:
         (f"`{backend.STAGING_DIR}/{w.staged_name}`", attribute_docs(backend)["STAGING_DIR"]),
         (f"`{cache.COMMITS}/000000.json`", _text("commit_row")),
         (f"`{cache.TOKENIZER_DIR}/`", attribute_docs(cache)["TOKENIZER_DIR"]),
+        (f"`{_lockstores.LOCK_FILE}`", _text("lock_row", what=_lock_doc())),
         ("`.tmp-*`", _text("tmp_row")),
     ]
     return "\n\n".join(
@@ -84,6 +86,10 @@ def _directory(w: Written) -> str:
             _text("directory_glob"),
         ]
     )
+
+
+def _lock_doc() -> str:
+    return attribute_docs(_lockstores)["LOCK_FILE"].rstrip(".")
 
 
 def _records(w: Written) -> str:

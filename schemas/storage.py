@@ -25,7 +25,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import fsspec
 from fsspec import AbstractFileSystem
 
+from schemas._durable import sync_folder
 from schemas._localfs import check_inside, check_local_tree, local_files, open_regular
+from schemas._retry import retrying
 from schemas.errors import (
     CacheCorruptError,
     CacheNotFoundError,
@@ -226,7 +228,7 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     objects atomically by themselves.
     """
     if not is_local(fs):
-        fs.pipe_file(path, data)
+        retrying(fs, path, "writing it", lambda: fs.pipe_file(path, data))
         return
     parent = posixpath.dirname(path)
     fs.makedirs(parent, exist_ok=True)
@@ -236,21 +238,37 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     fs.mv(tmp, path)
+    sync_folder(parent)  # the rename itself on the disk, before anything that follows it
 
 
 def move_tree(fs: AbstractFileSystem, src: str, dst: str) -> None:
     """Move a file or a folder of files from `src` to `dst`.
 
     A local rename is atomic. Object stores have no folders and no rename: each object is
-    copied on the store's side (no bytes through this process), then the originals deleted.
+    copied on the store's side (no bytes through this process), then the originals deleted;
+    each step is retried on its own (`schemas._retry`), as both are idempotent.
     """
     if is_local(fs):
         fs.mv(src, dst, recursive=True)
         return
-    files = sorted(fs.find(src, withdirs=False))
+    files = retrying(fs, src, "listing it", lambda: sorted(fs.find(src, withdirs=False)))
     targets = [dst] if files == [src] else [join(dst, posixpath.relpath(f, src)) for f in files]
-    fs.copy(files, targets)
-    fs.rm(src, recursive=True)
+    retrying(fs, dst, "copying into it", lambda: fs.copy(files, targets))
+    failed = False
+
+    def remove() -> None:
+        nonlocal failed
+        try:
+            fs.rm(src, recursive=True)
+        except FileNotFoundError:
+            if not failed:
+                raise  # gone before the first try: not what a move expects
+            # else a failed try deleted everything before its answer was lost
+        except Exception:
+            failed = True
+            raise
+
+    retrying(fs, src, "removing it after its copy", remove)
 
 
 def read_bounded(fs: AbstractFileSystem, path: str, limit: int, *, root: str | None) -> bytes:
@@ -265,13 +283,17 @@ def read_bounded(fs: AbstractFileSystem, path: str, limit: int, *, root: str | N
         with open_regular(path) as f:
             # read(n) allocates n bytes up front: ask for what the file holds, not the cap.
             return f.read(min(limit, os.fstat(f.fileno()).st_size) + 1)
-    with fs.open(path, "rb") as f:
-        parts: list[bytes] = []
-        got = 0
-        while got <= limit and (block := f.read(min(_BLOCK, limit + 1 - got))):
-            parts.append(block)
-            got += len(block)
-        return b"".join(parts)
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            parts: list[bytes] = []
+            got = 0
+            while got <= limit and (block := f.read(min(_BLOCK, limit + 1 - got))):
+                parts.append(block)
+                got += len(block)
+            return b"".join(parts)
+
+    return retrying(fs, path, "reading it", read)
 
 
 def read_declared(
@@ -287,8 +309,12 @@ def read_declared(
             if size != declared:
                 raise _size_differs(path, size, declared)
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    with fs.open(path, "rb") as f:
-        data = f.read(declared + 1)
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            return f.read(declared + 1)
+
+    data = retrying(fs, path, "reading it", read)
     if len(data) != declared:
         shown = f"more than {declared}" if len(data) > declared else str(len(data))
         raise _size_differs(path, shown, declared)
@@ -336,10 +362,10 @@ def checksum_file(
         if os.fstat(f.fileno()).st_size > limit:
             f.close()
             raise _too_large(path, int(limit))
+        with f:
+            digest, size = _hash(f, limit)
     else:
-        f = fs.open(path, "rb")
-    with f:
-        digest, size = _hash(f, limit)
+        digest, size = _hash_remote(fs, path, limit)
     if size > limit:
         raise _too_large(path, int(limit))
     return digest, size
@@ -359,7 +385,7 @@ def checksum_tree(
         check_inside(root, path)
         files = {e.path: e.stat(follow_symlinks=False).st_size for e in local_files(path)}
     else:
-        found = fs.find(path, withdirs=False, detail=True)
+        found = retrying(fs, path, "listing it", lambda: fs.find(path, withdirs=False, detail=True))
         files = {name: int(info.get("size") or 0) for name, info in found.items()}
     limit = declared if declared is not None else math.inf
     if sum(files.values()) > limit:
@@ -367,14 +393,28 @@ def checksum_tree(
     h = hashlib.sha256()
     total = 0
     for file in sorted(files):
-        with open_regular(file) if is_local(fs) else fs.open(file, "rb") as f:
-            digest, size = _hash(f, limit - total)
+        if is_local(fs):
+            with open_regular(file) as f:
+                digest, size = _hash(f, limit - total)
+        else:
+            digest, size = _hash_remote(fs, file, limit - total)
         total += size
         if total > limit:
             raise _too_large(path, int(limit))
         rel = posixpath.relpath(file, path)
         h.update(f"{rel}\0{digest}\0{size}\n".encode())
     return "sha256:" + h.hexdigest(), total
+
+
+def _hash_remote(fs: AbstractFileSystem, path: str, limit: float) -> tuple[str, int]:
+    """`_hash` of a file on an object store, read again from its start after a transient
+    failure (`schemas._retry`)."""
+
+    def read() -> tuple[str, int]:
+        with fs.open(path, "rb") as f:
+            return _hash(f, limit)
+
+    return retrying(fs, path, "reading it", read)
 
 
 def _hash(f: BinaryIO, limit: float) -> tuple[str, int]:

@@ -20,9 +20,9 @@ from schemas._zarr import ZarrShardReader
 from schemas.backend import ShardReader
 from schemas.cache import MANIFEST, TOKENIZER_DIR, Cache, open_cache
 from schemas.checks import check_records, check_records_deep
-from schemas.errors import KdcacheError
+from schemas.errors import CacheCorruptError, KdcacheError
 from schemas.manifest import SHARD_DIR, ShardInfo
-from schemas.storage import storage_errors
+from schemas.storage import shown, storage_errors
 
 _DECODE_KEYS = ("layout", "encoding")
 """Identity keys without which a shard cannot be decoded with the manifest's settings."""
@@ -122,6 +122,20 @@ def manifest_problems(cache: Cache) -> list[str]:
             "producer"
         )
     return out
+
+
+def check_manifest(cache: Cache, option: str) -> None:
+    """Refuse a cache whose shard list `manifest_problems` finds wrong, in one line naming the
+    command's `option`, the cache and manifest.json: what `kdcache validate` reports, refused
+    before a consumer reads a shard (a lost entry would silently train on fewer shards, a
+    doubled one on one shard twice)."""
+    problems = manifest_problems(cache)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CacheCorruptError(
+            f"{option} {shown(cache.url)}: {MANIFEST}: {problems[0]}{more}",
+            hint=f"run `kdcache validate {shown(cache.url)}` to list every problem",
+        )
 
 
 def tokenizer_problems(cache: Cache) -> list[Problem]:

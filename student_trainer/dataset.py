@@ -25,8 +25,9 @@ NaN, finite log-sum-exps, labels NaN only at a sequence's end, sample counts, of
 since a checksum matches a bad shard as well as a good one when its manifest entry was forged
 or its producer was wrong. The content check costs a few reductions per array, little next to
 decoding. A bad shard stops the stream with the shard and its first problem named, or is
-counted and skipped with `skip_bad_shards` (counted in the process that reads it: DataLoader
-workers keep their own).
+counted and skipped with `skip_bad_shards` (a DataLoader worker yields a `SkippedShard` for it,
+since its own count dies with it; `note_skipped` takes those out of the stream in the main
+process and counts them there).
 """
 
 from __future__ import annotations
@@ -60,6 +61,26 @@ class Sequence:
     def copy(self) -> Sequence:
         """The same sequence in arrays of its own (not views into a shard's arrays)."""
         return Sequence({name: v.copy() for name, v in self.arrays.items()})
+
+
+@dataclass(frozen=True)
+class SkippedShard:
+    """What a DataLoader worker yields in place of a shard it skipped."""
+
+    name: str
+
+
+def note_skipped(
+    items: Iterator[Sequence | SkippedShard], stream: ShardStream
+) -> Iterator[Sequence]:
+    """`items` (a DataLoader over `stream`) without the workers' `SkippedShard` marks, each
+    added to `stream.bad_shards` in this process."""
+    for item in items:
+        if isinstance(item, SkippedShard):
+            if item.name not in stream.bad_shards:
+                stream.bad_shards.append(item.name)
+            continue
+        yield item
 
 
 class ShardStream(IterableDataset):
@@ -98,7 +119,7 @@ class ShardStream(IterableDataset):
         slots, slot = self.world_size * workers, self.rank * workers + wid
         return [int(i) for i in order[slot::slots]]
 
-    def __iter__(self) -> Iterator[Sequence]:
+    def __iter__(self) -> Iterator[Sequence | SkippedShard]:
         cache = self.cache()
         worker = get_worker_info()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker.id if worker else 0])
@@ -106,6 +127,8 @@ class ShardStream(IterableDataset):
         for index in self.shard_order(cache):
             records = self._read(cache, index)
             if records is None:
+                if worker is not None:  # the main process counts what a worker skipped
+                    yield SkippedShard(cache.shards[index].name)
                 continue
             for seq in _sequences(records):
                 if not self.shuffle or self.buffer_sequences <= 1:

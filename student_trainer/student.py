@@ -10,18 +10,25 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from schemas.cache import Cache
-from schemas.errors import ConfigError, IncompatibleCacheError
+from schemas.cache import TOKENIZER_DIR, Cache
+from schemas.errors import CacheCorruptError, ConfigError, IncompatibleCacheError, KdcacheError
 from schemas.fingerprint import tokenizer_fingerprint, vocab_extends
+from schemas.storage import shown
+from schemas.validate import tokenizer_problems
 from student_trainer.config import TrainConfig
 
 T = TypeVar("T")
 
 
 def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str]:
-    """(model, tokenizer, description) for the student `cfg` names, checked against `cache`."""
+    """(model, tokenizer, description) for the student `cfg` names, checked against `cache`.
+
+    Whatever fails to load (a truncated file, a config transformers does not know, missing
+    weights) is one `ConfigError` naming the option and the path, never the library's traceback.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    tok_option = "--tokenizer"
     if cfg.student is not None:
         path = cfg.student
         if not Path(path).exists() and "/" not in path:
@@ -29,8 +36,14 @@ def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str
                 f"--student {path!r} is neither a directory nor a hub id",
                 hint="point it at a save_pretrained directory",
             )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = _loaded(
+            "--student",
+            path,
+            lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+            "point --student at a directory written by save_pretrained (config.json and the weights)",
+        )
         tok_source = cfg.tokenizer or path
+        tok_option = "--tokenizer" if cfg.tokenizer else "--student"
         what = f"student {path}"
     else:
         config_path = cfg.student_config or str(_default_student_config())
@@ -40,9 +53,19 @@ def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str
             raise ConfigError(
                 f"--student-config {config_path}: cannot read a JSON config ({exc})"
             ) from None
-        config = AutoConfig.for_model(**data)
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+        def fresh() -> nn.Module:
+            config = AutoConfig.for_model(**data)
+            torch.manual_seed(cfg.seed)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+        model = _loaded(
+            "--student-config",
+            config_path,
+            fresh,
+            'give a JSON object of a transformers model config: "model_type" (e.g. "llama") '
+            "and that model's fields",
+        )
         tok_source = cfg.tokenizer
         what = f"fresh student from {config_path}" + (
             " (the embedded default)" if cfg.student_config is None else ""
@@ -53,10 +76,16 @@ def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str
                 hint="pass --tokenizer PATH",
             )
     if tok_source is None:
-        with cache.tokenizer_files() as folder:  # checked against the manifest, then removed
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = cache_tokenizer(cache)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(tok_source)
+        source = tok_source
+        tokenizer = _loaded(
+            tok_option,
+            source,
+            lambda: AutoTokenizer.from_pretrained(source),
+            "point --tokenizer at a directory written by save_pretrained (tokenizer.json or "
+            "the slow tokenizer's files) with the teacher's tokenizer",
+        )
     check_tokenizer(tokenizer, cache, cfg.allow_vocab_extension)
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab < cache.layout.vocab_size:
@@ -67,6 +96,42 @@ def load_student(cfg: TrainConfig, cache: Cache) -> tuple[nn.Module, object, str
     return model, tokenizer, what
 
 
+def cache_tokenizer(cache: Cache) -> object:
+    """The tokenizer from the cache's copy. A copy that cannot be loaded (even one whose
+    manifest checksums were forged to match) is a `CacheCorruptError` naming the file at fault
+    when `kdcache validate --deep` would name one, else the folder."""
+    from transformers import AutoTokenizer
+
+    with cache.tokenizer_files() as folder:  # checked against the manifest, then removed
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except Exception as exc:  # transformers and tokenizers raise anything on a bad file
+            failure = f"cannot be loaded ({_brief(exc)})"
+    blamed = tokenizer_problems(cache)
+    where, what = (blamed[0].where, blamed[0].what) if blamed else (f"{TOKENIZER_DIR}/", failure)
+    raise CacheCorruptError(
+        f"the cache's tokenizer copy {shown(cache.url)}/{where} {what}",
+        hint="pass --tokenizer PATH (the teacher's tokenizer) to train without the copy",
+    )
+
+
+def _loaded(option: str, path: str, load: Callable[[], T], fix: str) -> T:
+    """`load()`; whatever the library raises becomes one `ConfigError` naming `option`, `path`
+    and the `fix` (the exception stays chained for a library user)."""
+    try:
+        return load()
+    except KdcacheError:
+        raise
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, its own ...
+        raise ConfigError(f"{option} {path}: cannot be loaded ({_brief(exc)})", hint=fix) from exc
+
+
+def _brief(exc: BaseException) -> str:
+    """The exception's type and the first line of its message, cut to 200 characters."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
 def check_tokenizer(tokenizer: object, cache: Cache, allow_extension: bool) -> None:
     """Refuse a student whose tokenizer maps text to other ids than the teacher's did."""
     expected = cache.manifest.tokenizer
@@ -74,10 +139,7 @@ def check_tokenizer(tokenizer: object, cache: Cache, allow_extension: bool) -> N
     if got == expected.fingerprint:
         return
     if allow_extension and cache.has_tokenizer():
-        from transformers import AutoTokenizer
-
-        with cache.tokenizer_files() as folder:
-            base = AutoTokenizer.from_pretrained(folder)
+        base = cache_tokenizer(cache)
         if vocab_extends(base.get_vocab(), tokenizer.get_vocab()):  # type: ignore[attr-defined]
             return
     raise IncompatibleCacheError(

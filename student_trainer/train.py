@@ -8,70 +8,55 @@ vocabulary-chunked `ChunkedStudent`; neither holds [N, V] logits.
 
 The loss is computed inside the student's forward (`HiddenAndHead` with an objective), the
 module that DDP or FSDP wraps (`parallel.py`).
+
+Before any of that, the caches' manifests are checked as `kdcache validate` checks them, and a
+`--resume` is compared with its checkpoint (`checkpoint.py`): a resumed run writes what an
+uninterrupted one would have, or refuses to start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from schemas.cache import Cache, open_cache
 from schemas.errors import ConfigError, IncompatibleCacheError
+from schemas.validate import check_manifest
 from student_trainer.batch import StudentInputs, TeacherBatch, collate
-from student_trainer.config import TrainConfig
-from student_trainer.dataset import ShardStream, batches
+from student_trainer.checkpoint import (
+    CHECKPOINT,
+    Progress,
+    check_resume,
+    read_checkpoint,
+    remove_temporary,
+    restore,
+    save_checkpoint,
+)
+from student_trainer.config import TrainConfig, trained_settings
+from student_trainer.dataset import ShardStream, batches, note_skipped
 from student_trainer.losses import LOSSES, LossSpec, resolve_options
 from student_trainer.losses._student import ChunkedStudent
 from student_trainer.losses.kl import fkl_tail
 from student_trainer.losses.zloss import cross_entropy
-from student_trainer.metrics import MetricLog
+from student_trainer.metrics import RESULT, MetricLog, TrainResult
 from student_trainer.objective import objective_for
-from student_trainer.parallel import (
-    clip_grad_norm,
-    fsdp_units,
-    full_state,
-    load_full_state,
-    student_weights,
-)
+from student_trainer.parallel import clip_grad_norm, fsdp_units, student_weights
 from student_trainer.parallel import wrap as wrap_for_ranks
 from student_trainer.student import HiddenAndHead, load_student
 
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainResult:
-    out: str
-    steps: int
-    tokens: int
-    seconds: float
-    final_loss: float
-    eval: dict[str, float] = field(default_factory=dict)
-    bad_shards: list[str] = field(default_factory=list)
-    approximations: dict[str, float] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        line = f"trained {self.steps} steps on {self.tokens} tokens in {self.seconds:.1f} s; final loss {self.final_loss:.4f}"
-        if self.eval:
-            line += "; eval " + ", ".join(f"{k} {v:.4f}" for k, v in self.eval.items())
-        if self.bad_shards:
-            names = ", ".join(self.bad_shards[:5]) + (", ..." if len(self.bad_shards) > 5 else "")
-            line += f"; skipped {len(self.bad_shards)} bad shards ({names})"
-        return line
+__all__ = ["CHECKPOINT", "TrainResult", "evaluate", "train"]
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -85,15 +70,32 @@ def train(cfg: TrainConfig) -> TrainResult:
         else (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     )
     bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    # The config as the run uses it: what train_config.json and every checkpoint record.
+    cfg = dataclasses.replace(cfg, loss_options=options, bf16=bf16, device=str(device))
     say = _say if rank == 0 else (lambda message: None)
 
     cache = open_cache(cfg.cache, require_complete=True, **cfg.storage_options)
+    check_manifest(cache, "--cache")
+    eval_cache = None
+    if cfg.eval_cache is not None:
+        eval_cache = open_cache(cfg.eval_cache, require_complete=True, **cfg.storage_options)
+        check_manifest(eval_cache, "--eval-cache")
     _check_cache_fits(spec, cfg, cache)
     if len(cache.shards) < world:  # a rank without shards would leave the others waiting
         raise IncompatibleCacheError(
             f"{cache.url} has {len(cache.shards)} shards for {world} ranks; each rank reads whole shards",
             hint="rebuild the cache with a smaller --shard-tokens, or train on fewer ranks",
         )
+    out = Path(cfg.out)
+    settings = trained_settings(
+        cfg,
+        cache=cache.manifest.fingerprint,
+        eval_cache=eval_cache.manifest.fingerprint if eval_cache else None,
+        world=world,
+    )
+    saved = read_checkpoint(out) if cfg.resume else None
+    if saved is not None and not check_resume(saved, out, settings, cfg.to_json()):
+        say("the checkpoint predates the settings check: this command's settings are not compared")
     model, tokenizer, what = load_student(cfg, cache)
     say(
         f"{what}; loss {cfg.loss} {options or ''}; cache {cache.url} ({cache.manifest.num_tokens} tokens, k={cache.layout.k})"
@@ -123,33 +125,41 @@ def train(cfg: TrainConfig) -> TrainResult:
         optimizer, _warmup_cosine(cfg.warmup_steps, total_steps)
     )
 
-    out = Path(cfg.out)
+    progress = Progress()
+    if saved is not None:
+        progress = restore(saved, net, optimizer, schedule)
+        saved = None  # its tensors are loaded: free the copy
+        say(f"resumed from step {progress.step}")
     out.mkdir(parents=True, exist_ok=True)
-    state = {"step": 0, "micro": 0, "epoch": 0, "tokens": 0}
-    if cfg.resume:
-        state = _load_checkpoint(out, net, optimizer, schedule)
-        say(f"resumed from step {state['step']}")
-    else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+    if rank == 0:
+        remove_temporary(out)
+        if not cfg.resume:  # a fresh run owns --out: nothing of an earlier run stays to resume
+            for name in (CHECKPOINT, RESULT):
+                (out / name).unlink(missing_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+    log = MetricLog(out, enabled=rank == 0, resumed=progress if cfg.resume else None)
 
-    log = MetricLog(out, enabled=rank == 0)
-    micro_batches = _micro_batches(stream, cfg, cache, state)
+    def checkpoint() -> None:
+        _note_bad_shards(progress, stream)
+        progress.metrics_bytes = log.size()
+        save_checkpoint(
+            out, net, optimizer, schedule, progress, config=cfg.to_json(), settings=settings
+        )  # every rank: FSDP gathers
+
+    micro_batches = _micro_batches(stream, cfg, cache, progress)
     bar = tqdm(
         total=total_steps,
-        initial=state["step"],
+        initial=progress.step,
         unit="step",
         desc="train",
         disable=not cfg.progress or rank != 0,
         dynamic_ncols=True,
     )
-    approx: dict[str, list[float]] = {}
-    start, last_loss = time.perf_counter(), float("nan")
-    start_tokens = state["tokens"]
-    if cfg.eval_cache and not cfg.resume:  # the "before" point of every eval curve
+    start, start_tokens, seconds_before = time.perf_counter(), progress.tokens, progress.seconds
+    if eval_cache is not None and not cfg.resume:  # the "before" point of every eval curve
         log.write({"step": 0, **evaluate(net, cfg, device, bf16)})
     net.train()
-    while state["step"] < total_steps:
+    while progress.step < total_steps:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
@@ -162,51 +172,54 @@ def train(cfg: TrainConfig) -> TrainResult:
             loss = loss / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())  # deliberate sync, once per micro-batch, for the log
-            state["tokens"] += int(inputs.attention_mask.sum()) * world
-            state["micro"] += 1
+            progress.tokens += int(inputs.attention_mask.sum()) * world
+            progress.micro += 1
             for key, value in stats.items():
-                approx.setdefault(key, []).append(float(value))
+                progress.add_approximation(key, float(value))
         if world > 1:  # log the loss of the whole step, not of this rank's share of it
             step_loss = _mean_over_ranks(step_loss, device, world)
         # --clip 0 clips nothing but still measures the norm for the log
         grad_norm = clip_grad_norm(net.parameters(), cfg.clip)
         optimizer.step()
         schedule.step()
-        state["step"] += 1
-        last_loss = step_loss
+        progress.step += 1
+        progress.last_loss, progress.final_eval = step_loss, None
         elapsed = time.perf_counter() - start
-        tok_s = (state["tokens"] - start_tokens) / elapsed if elapsed else 0.0
+        progress.seconds = seconds_before + elapsed
+        tok_s = (progress.tokens - start_tokens) / elapsed if elapsed else 0.0
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
         row = {
-            "step": state["step"],
+            "step": progress.step,
             "loss": step_loss,
             "grad_norm": float(grad_norm),  # deliberate sync, once per step
             "lr": schedule.get_last_lr()[0],
-            "tokens": state["tokens"],
+            "tokens": progress.tokens,
             "tokens_per_s": tok_s,
         }
-        if cfg.eval_cache and cfg.eval_every and state["step"] % cfg.eval_every == 0:
+        if eval_cache is not None and cfg.eval_every and progress.step % cfg.eval_every == 0:
             row.update(evaluate(net, cfg, device, bf16))
-        if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or "eval_ce" in row:
+        if progress.step % cfg.log_every == 0 or progress.step == total_steps or "eval_ce" in row:
             log.write(row)
-        if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-            _save_checkpoint(out, net, optimizer, schedule, state)  # every rank: FSDP gathers
+        if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
+            checkpoint()
     bar.close()
 
+    # A finished run resumed has evaluated already: it reports that evaluation, logged once.
+    if eval_cache is not None and progress.final_eval is None:
+        progress.final_eval = evaluate(net, cfg, device, bf16)
+        log.write({"step": progress.step, **progress.final_eval})
+    checkpoint()
     result = TrainResult(
         cfg.out,
-        state["step"],
-        state["tokens"],
-        time.perf_counter() - start,
-        last_loss,
-        bad_shards=list(stream.bad_shards),
+        progress.step,
+        progress.tokens,
+        progress.seconds,
+        progress.last_loss,
+        eval=dict(progress.final_eval or {}),
+        bad_shards=list(progress.bad_shards),
+        approximations=progress.approximations(),
     )
-    result.approximations = {k: float(np.mean(v)) for k, v in approx.items()}
-    if cfg.eval_cache:
-        result.eval = evaluate(net, cfg, device, bf16)
-        log.write({"step": state["step"], **result.eval})
-    _save_checkpoint(out, net, optimizer, schedule, state)
     weights = student_weights(net) if cfg.save_model else None  # every rank: FSDP gathers
     if rank == 0:
         if cfg.save_model:
@@ -215,11 +228,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             tokenizer.save_pretrained(out / "student")
         log.plot(out / "loss_curve.png")
         log.close()
-        (out / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
+        result.write(out / RESULT)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _note_bad_shards(progress: Progress, stream: ShardStream) -> None:
+    """Add the shards this process skipped to the run's list (a resume replays past them)."""
+    progress.bad_shards += [s for s in stream.bad_shards if s not in progress.bad_shards]
 
 
 def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
@@ -229,24 +247,24 @@ def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
 
 
 def _micro_batches(
-    stream: ShardStream, cfg: TrainConfig, cache: Cache, state: dict[str, int]
+    stream: ShardStream, cfg: TrainConfig, cache: Cache, progress: Progress
 ) -> Iterator[tuple[StudentInputs, TeacherBatch]]:
-    """Endless micro-batches, epoch after epoch; resumes at `state["micro"]` by replaying the
+    """Endless micro-batches, epoch after epoch; resumes at `progress.micro` by replaying the
     deterministic stream (exact, at the cost of re-reading what was already consumed)."""
     layout = cache.layout
-    skip = state["micro"]
-    for epoch in itertools.count(state.get("epoch", 0) if not skip else 0):
+    skip = progress.micro
+    for epoch in itertools.count(progress.epoch if not skip else 0):
         stream.epoch = epoch
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=cfg.num_workers, persistent_workers=False
         )
         produced = False
-        for group in batches(iter(loader), cfg.batch_tokens):
+        for group in batches(note_skipped(iter(loader), stream), cfg.batch_tokens):
             produced = True
             if skip:
                 skip -= 1
                 continue
-            state["epoch"] = epoch
+            progress.epoch = epoch
             yield collate(
                 group,
                 layout.vocab_size,
@@ -339,46 +357,6 @@ def _ranks() -> tuple[int, int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _save_checkpoint(
-    out: Path, net: HiddenAndHead, optimizer, schedule, state: dict[str, int]
-) -> None:
-    """Every rank calls this (under FSDP gathering the full state is a collective); rank 0
-    writes. The checkpoint holds full tensors keyed by name, whatever the parallelism."""
-    model_state, optimizer_state = full_state(net, optimizer)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    payload = {
-        "model": model_state,
-        "optimizer": optimizer_state,
-        "schedule": schedule.state_dict(),
-        "state": dict(state),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-        },
-    }
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out / CHECKPOINT)  # a crash mid-save leaves the previous checkpoint intact
-
-
-def _load_checkpoint(out: Path, net: HiddenAndHead, optimizer, schedule) -> dict[str, int]:
-    """Every rank reads the checkpoint (--out is shared by the ranks) and keeps its shard."""
-    path = out / CHECKPOINT
-    if not path.exists():
-        raise ConfigError(
-            f"--resume: no checkpoint at {path}", hint="run without --resume to start fresh"
-        )
-    payload = torch.load(path, weights_only=False)
-    load_full_state(net, optimizer, payload["model"], payload["optimizer"])
-    schedule.load_state_dict(payload["schedule"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    random.setstate(payload["rng"]["python"])
-    np.random.set_state(payload["rng"]["numpy"])
-    return dict(payload["state"])
 
 
 def _say(message: str) -> None:

@@ -9,7 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-pytest_plugins = ["tests.fixtures.models", "tests.fixtures.text", "tests.fixtures.s3"]
+pytest_plugins = [
+    "tests.fixtures.models",
+    "tests.fixtures.text",
+    "tests.fixtures.s3",
+    "tests.fixtures.reliability",
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -18,6 +18,9 @@ Example::
     from cache_builder.default import DEFAULT_TEACHER_DIR, write_default_dataset
 
     path = write_default_dataset("data", "train")  # data/default-train.jsonl
+
+A build without --dataset reads the corpus from :func:`default_dataset_url`, a file in the
+process's own memory: builds running at once, and the ranks of one torchrun build, share no file.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 import re
 import sys
 import sysconfig
+import uuid
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +43,7 @@ __all__ = [
     "DEFAULT_TEACHER_DIR",
     "STDLIB_MODULES",
     "default_corpus",
+    "default_dataset_url",
     "write_default_dataset",
 ]
 
@@ -233,8 +239,17 @@ def default_corpus(split: Split) -> list[dict[str, str]]:
     return sorted(docs, key=lambda doc: doc["source"])
 
 
+def _jsonl(split: Split) -> bytes:
+    """:func:`default_corpus` as jsonl bytes (one ``{"text", "source"}`` per line)."""
+    lines = (json.dumps(doc, ensure_ascii=False) + "\n" for doc in default_corpus(split))
+    return "".join(lines).encode("utf-8")
+
+
 def write_default_dataset(directory: str | Path, split: Split) -> Path:
     """Write :func:`default_corpus` as jsonl (one ``{"text", "source"}`` per line).
+
+    The file is written under a name of this call's own, then renamed into place: processes
+    writing it at once each rename a whole file, and a reader never sees a partial one.
 
     Args:
         directory: created if missing.
@@ -246,9 +261,28 @@ def write_default_dataset(directory: str | Path, split: Split) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"default-{split}.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for doc in default_corpus(split):
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    tmp = directory / f".default-{split}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
+    try:
+        with tmp.open("xb") as f:
+            f.write(_jsonl(split))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def default_dataset_url(split: Split) -> str:
+    """The default corpus as a jsonl file in this process's fsspec ``memory://`` filesystem.
+
+    Written on the first call in a process. A build reads it like any data file, twice (the
+    data pass, then the teacher pass), and nothing goes to disk: concurrent builds on one
+    machine, and the ranks of one torchrun build, cannot collide on a shared temporary file,
+    and none is left behind. Its content is this interpreter's corpus, as for every process.
+    """
+    import fsspec
+
+    url = f"memory://kdcache-default-data/default-{split}.jsonl"
+    fs = fsspec.filesystem("memory")
+    if not fs.exists(url):
+        fs.pipe_file(url, _jsonl(split))
+    return url

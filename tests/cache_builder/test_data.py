@@ -17,6 +17,7 @@ from tokenizers.processors import TemplateProcessing
 
 from cache_builder.data import (
     IGNORE_INDEX,
+    BadRows,
     DataError,
     PackedBatch,
     Segment,
@@ -246,10 +247,136 @@ def test_bad_values_name_the_row(tmp_path: Path, tokenizer: Any) -> None:
     bad_json.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2 is not valid JSON"):
         list(load_rows(str(bad_json)))
-    with pytest.raises(DataError, match=r"row 0: 'text' is int, not str"):
+    with pytest.raises(DataError, match=r"row 0: 'text' is int \(5\), not a string"):
         list(tokenize_rows([(0, {"text": 5})], tokenizer))
     with pytest.raises(DataError, match=r"row 3: 'messages' is not a list"):
         list(tokenize_rows([(3, {"messages": "hi"})], tokenizer, chat_template=True))
+
+
+def rows_of(path: Path, **kwargs: Any) -> list[tuple[int, Any]]:
+    return [(n, dict(row)) for n, row in load_rows(str(path), **kwargs)]
+
+
+def test_invalid_utf8_names_the_file_line_and_byte(tmp_path: Path) -> None:
+    cases = {
+        "a.jsonl": b'{"text": "one"}\n\n{"text": "caf\xe9"}\n',
+        "a.txt": b"one\n\ntwo\nthr\xffee\n",
+        "a.csv": b'text\none\n"multi\nline \xe9"\n',
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(DataError, match=r":[34] is not valid UTF-8 \(byte 0x(e9|ff) at") as e:
+            list(load_rows(str(path)))
+        assert str(path) in str(e.value) and "--skip-bad-rows" in str(e.value)
+    bad = BadRows(skip=True)
+    assert rows_of(tmp_path / "a.txt", bad_rows=bad) == [(0, {"text": "one"})]
+    assert (bad.rows, bad.files) == (1, 0) and bad.first is not None
+    assert f"{tmp_path / 'a.txt'}:4" in bad.first
+
+
+def test_a_header_that_is_not_utf8_is_a_bad_file(tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    path.write_bytes(b"t\xe9xt\nfine\n")
+    with pytest.raises(DataError, match=r"h\.csv:1 is not valid UTF-8"):
+        list(load_rows(str(path)))
+    bad = BadRows(skip=True)
+    with pytest.raises(DataError, match=r"has no rows"):
+        list(load_rows(str(path), bad_rows=bad))
+    assert (bad.rows, bad.files) == (0, 1)
+
+
+def test_skipped_rows_keep_their_numbers(tmp_path: Path, tokenizer: Any) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"text": "a"}\n[1]\n{"text": 7}\n{"text": null}\n{"text": "b"}\n')
+    bad = BadRows(skip=True)
+    docs = list(tokenize_rows(load_rows(str(path), bad_rows=bad), tokenizer, bad_rows=bad))
+    assert [n for n, _ in docs] == [0, 3, 4]  # row 1 (not an object) and 2 (a number) left out
+    assert docs[1][1].size == 0  # null: an empty document
+    assert (bad.rows, bad.files) == (2, 0)
+    assert bad.report().startswith(f"skipped 2 bad rows (--skip-bad-rows; first: {path}:2 ")
+
+
+def test_every_non_string_text_is_refused_naming_the_file_and_line(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    for value, kind in ((0, "int"), (False, "bool"), (1.5, "float"), ({"a": 1}, "dict")):
+        path = write_jsonl(tmp_path / "t.jsonl", [{"text": "fine"}, {"text": value}])
+        with pytest.raises(DataError, match=rf"t\.jsonl:2: 'text' is {kind} \(.*\), not a string"):
+            list(tokenize_rows(load_rows(str(path)), tokenizer))
+    nulls = write_jsonl(tmp_path / "n.jsonl", [{"text": None}, {"text": ""}, {"text": "x"}])
+    assert [ids.size > 0 for _, ids in tokenize_rows(load_rows(str(nulls)), tokenizer)] == [
+        False,
+        False,
+        True,
+    ]
+
+
+def test_lone_surrogates_and_ragged_ids_name_the_row(tmp_path: Path, tokenizer: Any) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "x\\udfff"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"s\.jsonl:2: 'text' holds a lone surrogate \(U\+DFFF\)"):
+        list(tokenize_rows(load_rows(str(path)), tokenizer))
+    for ids in ([[1, 2], [3]], [[1], [2]], "1 2", 7, [1.0], [True]):
+        path = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": ids}])
+        with pytest.raises(DataError, match=r"ids\.jsonl:1: 'input_ids' is not a flat list"):
+            list(tokenize_rows(load_rows(str(path)), tokenizer))
+    parquet = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"input_ids": [[1, 2], [1, 999]]}), parquet)
+    with pytest.raises(DataError, match=r"ids\.parquet row 1: 'input_ids' holds ids in"):
+        list(tokenize_rows(load_rows(str(parquet)), tokenizer))
+
+
+def test_corrupt_and_truncated_files(tmp_path: Path) -> None:
+    import gzip
+
+    lines = "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(3000)).encode()
+    packed = gzip.compress(lines)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz is corrupt or cut short after \d+ rows"):
+        list(load_rows(str(cut)))
+    bad = BadRows(skip=True)
+    kept = rows_of(cut, bad_rows=bad)
+    assert 0 < len(kept) < 3000 and (bad.rows, bad.files) == (0, 1)
+    assert [row["text"] for _, row in kept] == [f"row {i}" for i in range(len(kept))]
+
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"]}), parquet)
+    parquet.write_bytes(parquet.read_bytes()[:-12])
+    with pytest.raises(DataError, match=r"p\.parquet is corrupt or cut short after 0 rows"):
+        list(load_rows(str(parquet)))
+    array = tmp_path / "a.json"
+    array.write_bytes(b'[{"text": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"a\.json is not valid UTF-8 \(byte 0xe9 at byte 14\)"):
+        list(load_rows(str(array)))
+
+
+def test_csv_records_must_have_the_header_s_fields(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text('text,id\n"a, b",1\na, b,2\nc\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"r\.csv:3 has 3 fields, the header 2"):
+        list(load_rows(str(path)))
+    bad = BadRows(skip=True)
+    assert rows_of(path, bad_rows=bad) == [(0, {"text": "a, b"})]
+    assert bad.rows == 2
+
+
+def test_max_rows_reads_no_further(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "b"}\nnot json\n')
+    assert rows_of(path, max_rows=2) == [(0, {"text": "a"}), (1, {"text": "b"})]
+    bad = BadRows(skip=True)
+    assert rows_of(path, max_rows=3, bad_rows=bad) == [(0, {"text": "a"}), (1, {"text": "b"})]
+    assert bad.rows == 1
+
+
+def test_all_rows_bad_says_so(tmp_path: Path, tokenizer: Any) -> None:
+    path = write_jsonl(tmp_path / "all.jsonl", [{"text": 1}, {"text": 2}])
+    bad = BadRows(skip=True)
+    docs = tokenize_rows(load_rows(str(path), bad_rows=bad), tokenizer, bad_rows=bad)
+    with pytest.raises(DataError, match=r"no documents.*skipped 2 bad rows"):
+        list(segments(docs, 16, source=str(path), bad_rows=bad))
 
 
 # ----------------------------------------------------------------------------- framing

@@ -23,7 +23,7 @@ from schemas._columns import StoredShard
 from tests.fixtures.cli import kdcache, one_line_error
 from tests.fixtures.forge import forge_shard
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.reliability("tampered-cache")]
 
 SMALL = ["--max-length", "64", "--top-k", "8", "--shard-tokens", "384", "--batch-tokens", "256"]
 EXTRAS = {"arrow": ["--samples", "4", "--temperatures", "2"], "zarr": []}
@@ -147,11 +147,13 @@ def test_a_layout_edited_in_the_manifest_stops_train_and_is_blamed_on_the_manife
     assert any(f"{key}: {value} here" in x for x in lines), problems.stderr
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
 def test_skip_bad_shards_trains_on_the_good_ones_and_reports_the_skipped(
-    cache: Path, tmp_path: Path
+    cache: Path, tmp_path: Path, workers: str
 ) -> None:
+    """Also when a DataLoader worker, whose own count dies with it, met the bad shard."""
     plant(cache, 1, "nan")
-    run = train(cache, tmp_path, "--skip-bad-shards")
+    run = train(cache, tmp_path, "--skip-bad-shards", "--num-workers", workers)
     assert run.returncode == 0, run.stderr
     assert "trained 2 steps" in run.stdout
     assert f"skipped 1 bad shards ({shard(cache, 1)})" in run.stdout

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -71,7 +72,8 @@ def cli_args(teacher: Path, data: Path, out: str, **overrides: object) -> list[s
     opts = {**SETTINGS, **overrides}
     args = ["build", "--teacher", str(teacher), "--dataset", str(data), "--out", out]
     for key, value in opts.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        args += [f"--{key.replace('_', '-')}", shown]
     return args
 
 
@@ -179,14 +181,18 @@ def run_and_kill(
             proc.wait()
 
 
+@pytest.mark.reliability("build-kill-zarr")
 def test_sigkill_at_random_moments_then_resume_gives_the_same_cache(
-    tiny_llama_dir: Path, docs: Path, reference: Path, tmp_path: Path
+    tiny_llama_dir: Path, docs: Path, reference: Path, tmp_path: Path, trials: Callable[[int], None]
 ) -> None:
+    trials(3)
     n = len(open_cache(str(reference)).shards)
     assert n >= 12, "the build needs many shards to be killed in the middle"
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "kdcache", *cli_args(tiny_llama_dir, docs, "cache")]
-    cmd.append("--no-progress")
+    # Each run after the first follows a SIGKILLed one, whose lock would hold --out for its
+    # stale time (test_build_lock.py): the operator who killed it breaks it.
+    cmd += ["--no-progress", "--break-lock"]
     rng = random.Random(20240611)
 
     def reached(goal: int) -> Callable[[], bool]:
@@ -216,6 +222,79 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_cache(
     assert early < n // 3, f"the early kill came after {early} of {n} shards: {kills}"
     assert before < middle < n - 3, kills
     assert n - 3 <= last < n, kills
+    assert_same_cache(cache, reference)
+
+
+VARIANTS = {"plain": {}, "sampled": dict(samples=4, temperatures=(2.0,))}
+"""What the long kill runs build: odd seeds also draw samples and store a second temperature."""
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, docs: Path) -> Any:
+    """`references(fmt, variant)`: the uninterrupted build of those settings, made once."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(fmt: str, variant: str) -> Path:
+        if (fmt, variant) not in made:
+            workdir = tmp_path_factory.mktemp(f"reference-{fmt}-{variant}")
+            overrides = {"format": fmt, **VARIANTS[variant]}
+            made[fmt, variant] = build_here(workdir, tiny_llama_dir, docs, **overrides)
+        return made[fmt, variant]
+
+    return get
+
+
+def started(seconds: float) -> Callable[[], bool]:
+    """True `seconds` after this call: a kill while the run imports, loads or tokenizes."""
+    at = time.monotonic() + seconds
+    return lambda: time.monotonic() >= at
+
+
+LONG_KILLS = [
+    pytest.param(
+        fmt,
+        seed,
+        id=f"{fmt}-{seed}",
+        marks=[pytest.mark.long, pytest.mark.reliability(f"build-kill-{fmt}")],
+    )
+    for fmt in ("arrow", "zarr")
+    for seed in range(20)
+]
+
+
+@pytest.mark.parametrize("fmt,seed", LONG_KILLS)
+def test_a_build_killed_at_random_moments_resumes_to_the_same_cache(
+    fmt: str, seed: int, references: Any, trials: Callable[[int], None],
+    tiny_llama_dir: Path, docs: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    """One build, SIGKILLed once (a third of the seeds: twice) at a random moment: while it
+    starts, as its first shard is staged, or a random fraction of a shard after a random
+    commit; then rerun to the end."""
+    rng = random.Random(1000 * seed + len(fmt))
+    variant = "sampled" if seed % 2 else "plain"
+    reference = references(fmt, variant)
+    n = len(open_cache(str(reference)).shards)
+    kills = 2 if seed % 3 == 0 else 1
+    trials(kills)
+    cache = tmp_path / "cache"
+    settings = {"format": fmt, **VARIANTS[variant]}
+    cmd = [sys.executable, "-m", "kdcache", *cli_args(tiny_llama_dir, docs, "cache", **settings)]
+    cmd += ["--no-progress", "--break-lock"]
+    for left in reversed(range(kills)):  # shards kept for the kills still to come
+        before = committed(cache)
+        moment = rng.choice(["starting", "staging", "after a commit"])
+        if moment == "starting":
+            when = started(rng.uniform(0.2, 3.0))
+        elif moment == "staging":
+            when = functools.partial(writing, cache)
+        else:
+            goal = rng.randint(before + 1, max(before + 1, n - 3 - 5 * left))
+            when = lambda goal=goal: committed(cache) >= goal  # noqa: E731
+        status, _ = run_and_kill(cmd, tmp_path, cache, when, rng.uniform(0.0, 0.9))
+        assert status == -signal.SIGKILL, f"the run killed {moment} ended by itself ({status})"
+        assert uncommitted_in_shards(cache) == [], f"killed {moment}: a glob would see these"
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert_same_cache(cache, reference)
 
 

@@ -197,19 +197,19 @@ def test_resume_reproduces_the_uninterrupted_curve(
         warmup_steps=2,
         checkpoint_every=3,
     )
-    real_save = train_module._save_checkpoint
+    real_save = train_module.save_checkpoint
 
-    def save_and_keep_step_3(out, net, optimizer, schedule, state):
-        real_save(out, net, optimizer, schedule, state)
-        if state["step"] == 3:  # what a run killed after step 3 leaves behind
+    def save_and_keep_step_3(out, net, optimizer, schedule, progress, **recorded):
+        real_save(out, net, optimizer, schedule, progress, **recorded)
+        if progress.step == 3:  # what a run killed after step 3 leaves behind
             crashed = tmp_path / "crashed"
             crashed.mkdir()
             shutil.copy(out / train_module.CHECKPOINT, crashed / train_module.CHECKPOINT)
             shutil.copy(out / "metrics.jsonl", crashed / "metrics.jsonl")
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_and_keep_step_3)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep_step_3)
     train(TrainConfig(out=str(tmp_path / "full"), **common))
-    monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     train(TrainConfig(out=str(tmp_path / "crashed"), resume=True, **common))
     full = [
         json.loads(x)["loss"]

@@ -52,7 +52,10 @@ def reshard(src: str, dst: str, shards: int) -> str:
         if records.seq_offsets[s + 1] - records.seq_offsets[s] == SEQ
     ]
     assert len(full) >= shards
-    writer = CacheWriter(dst, cache.manifest)
+    # The copy's dataset is the shards it keeps: train refuses a manifest whose shard tokens
+    # do not add up to its dataset.num_tokens.
+    dataset = dataclasses.replace(cache.manifest.dataset, num_tokens=SEQ * shards)
+    writer = CacheWriter(dst, dataclasses.replace(cache.manifest, dataset=dataset))
     for i in range(shards):
         with writer.shard_writer(i) as w:
             w.write(full[i])
@@ -105,16 +108,16 @@ from student_trainer import TrainConfig, train
 train_module = importlib.import_module("student_trainer.train")  # the module, not the function
 
 config, keep_step, keep = json.loads(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-real_save = train_module._save_checkpoint
+real_save = train_module.save_checkpoint
 
-def save_and_keep(out, net, optimizer, schedule, state):
-    real_save(out, net, optimizer, schedule, state)
-    if state["step"] == keep_step and dist.get_rank() == 0:  # what a run killed here leaves
+def save_and_keep(out, net, optimizer, schedule, progress, **recorded):
+    real_save(out, net, optimizer, schedule, progress, **recorded)
+    if progress.step == keep_step and dist.get_rank() == 0:  # what a run killed here leaves
         keep.mkdir()
         for name in (train_module.CHECKPOINT, "metrics.jsonl"):
             shutil.copy(out / name, keep / name)
 
-train_module._save_checkpoint = save_and_keep
+train_module.save_checkpoint = save_and_keep
 train(TrainConfig(**config))
 """
 

@@ -320,6 +320,7 @@ def test_the_clean_cache_validates(cache: Path) -> None:
     assert validate_cache(str(cache), deep=True) == []
 
 
+@pytest.mark.reliability("tampered-cache")
 def test_deep_validate_names_each_content_problem_of_a_forged_shard(cache: Path) -> None:
     def poison(stored: Any) -> None:
         stored.tokens["topk_logprob_top1"][[3, 4]] = np.nan  # q8c: the whole row decodes NaN
@@ -340,6 +341,7 @@ def test_deep_validate_names_each_content_problem_of_a_forged_shard(cache: Path)
     ]
 
 
+@pytest.mark.reliability("tampered-cache")
 def test_deep_validate_names_a_shard_with_broken_offsets(cache: Path) -> None:
     def break_offsets(stored: Any) -> None:
         stored.seq_offsets[2] = 5  # sequence 1 would end before it starts
@@ -352,6 +354,7 @@ def test_deep_validate_names_a_shard_with_broken_offsets(cache: Path) -> None:
 
 
 @pytest.mark.parametrize("clean_cache", ["zarr"], indirect=True)  # Arrow files have no chunks
+@pytest.mark.reliability("tampered-cache")
 def test_a_zarr_chunk_lost_with_its_checksum_refreshed(cache: Path) -> None:
     chunks = cache / name(cache, 0) / "lse" / "c"
     shutil.rmtree(chunks)
@@ -373,6 +376,7 @@ def test_a_zarr_chunk_lost_with_its_checksum_refreshed(cache: Path) -> None:
         ("edit an index", "whose indices are not 0..2: missing [1], unexpected [5]"),
     ],
 )  # fmt: skip
+@pytest.mark.reliability("tampered-cache")
 def test_shard_list_damage_is_blamed_on_the_manifest(
     cache: Path, damage: str, expected: str
 ) -> None:
@@ -396,6 +400,7 @@ def test_shard_list_damage_is_blamed_on_the_manifest(
         assert all(p.where == "manifest.json" for p in problems)
 
 
+@pytest.mark.reliability("tampered-cache")
 def test_an_index_listed_twice_is_refused_naming_the_manifest(cache: Path) -> None:
     edit_manifest(cache, lambda m: m["shards"][2].update(index=1))
     (problem,) = validate_cache(str(cache))
@@ -403,6 +408,7 @@ def test_an_index_listed_twice_is_refused_naming_the_manifest(cache: Path) -> No
 
 
 @pytest.mark.parametrize("key,value", [("k", 3), ("vocab_size", 90)])
+@pytest.mark.reliability("tampered-cache")
 def test_an_edited_layout_is_blamed_on_the_manifest_not_on_every_shard(
     cache: Path, key: str, value: int
 ) -> None:
@@ -416,6 +422,7 @@ def test_an_edited_layout_is_blamed_on_the_manifest_not_on_every_shard(
     )
 
 
+@pytest.mark.reliability("tampered-cache")
 def test_one_foreign_shard_is_blamed_on_itself(cache: Path) -> None:
     edit_manifest(cache, lambda m: m["shards"][0].update(origin="sha256:elsewhere"))
     problems = validate_cache(str(cache))
@@ -423,6 +430,7 @@ def test_one_foreign_shard_is_blamed_on_itself(cache: Path) -> None:
     assert "does not belong here" in problems[0].what
 
 
+@pytest.mark.reliability("tampered-cache")
 def test_a_truncated_tokenizer_is_caught(cache: Path) -> None:
     (cache / "tokenizer" / "tokenizer.json").write_bytes(TOKENIZER[:-9])
     assert validate_cache(str(cache)) == []  # plain validate reads no tokenizer
@@ -442,6 +450,7 @@ def test_a_truncated_tokenizer_is_caught(cache: Path) -> None:
     assert problem.where == "tokenizer/tokenizer.json" and "is not valid JSON" in problem.what
 
 
+@pytest.mark.reliability("tampered-cache")
 def test_a_format_1_tokenizer_without_checksums_must_parse(tmp_path: Path) -> None:
     cache = tmp_path / "old"
     shutil.copytree(OLD / "cache-1.0-zarr", cache)

@@ -28,6 +28,8 @@ from schemas.storage import checksum_file, checksum_tree, resolve
 from schemas.validate import validate_cache
 from tests.schemas.test_cache import make_cache
 
+pytestmark = pytest.mark.reliability("hostile-cache")
+
 FUZZ = settings(
     max_examples=100,
     deadline=None,

@@ -28,6 +28,8 @@ from schemas.testing import random_records
 from schemas.validate import validate_cache
 from tests.schemas.test_cache import draft, make_cache
 
+pytestmark = pytest.mark.reliability("hostile-cache")
+
 FORMATS = ["arrow", "zarr"]
 TOKENIZER = {"tokenizer.json": b'{"model": "tiny"}', "special_tokens_map.json": b"{}"}
 
