@@ -18,13 +18,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m kdcache demo
 
+# Test files run on PYTEST_JOBS processes (pytest-xdist; a file's tests stay in one process, so
+# its module fixtures are built once). CI has two cores.
+PYTEST_JOBS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_JOBS) --dist loadfile
 
 # The long reliability variants `make test` deselects (pytest's addopts say -m "not long"), with
 # the short ones, counted into RELIABILITY.md (tests/fixtures/reliability.py).
 test-long: $(STAMP)
-	$(BIN)/python -m pytest -q -m "long or reliability" --reliability-report RELIABILITY.md
+	$(BIN)/python -m pytest -q -n $(PYTEST_JOBS) --dist loadfile -m "long or reliability" \
+		--reliability-report RELIABILITY.md
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures.text",
     "tests.fixtures.s3",
     "tests.fixtures.reliability",
+    "pytester",
 ]
 
 

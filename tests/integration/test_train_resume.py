@@ -246,7 +246,8 @@ def assert_same_state(out: Path, reference: Path) -> None:
     assert got["model"].keys() == want["model"].keys()
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), f"weight {name} differs"
-    assert str(got["optimizer"]["param_groups"]) == str(want["optimizer"]["param_groups"])
+    groups = [json.dumps(o["optimizer"]["param_groups"], sort_keys=True) for o in (got, want)]
+    assert groups[0] == groups[1]  # as JSON: a restored group holds its betas as a list
     for key, state in want["optimizer"]["state"].items():
         for name, tensor in state.items():
             assert torch.equal(got["optimizer"]["state"][key][name], tensor), (key, name)
@@ -290,6 +291,8 @@ def test_a_training_killed_at_a_random_moment_resumes_to_the_same_weights(
         when = after(lambda: row in logged_steps(out), rng.uniform(0.0, 0.1))
     run_and_kill(args(caches, student, out), when)
 
-    kdcache(*args(caches, student, out, "--resume"))
+    # Killed inside the first save, the run has no checkpoint: it is started again, which
+    # must not keep the killed run's rows.
+    kdcache(*args(caches, student, out, *(["--resume"] if checkpoint.exists() else [])))
     assert_same_outputs(out, reference)
     assert_same_state(out, reference)
