@@ -9,14 +9,11 @@ rank 0: manifest marked complete once every shard is committed
 
 from __future__ import annotations
 
-import dataclasses
 import posixpath
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,20 +22,19 @@ from tqdm.auto import tqdm
 from cache_builder.config import BuildConfig
 from cache_builder.data import PackedBatch, Segment, load_rows, pack, segments, tokenize_rows
 from cache_builder.distributed import Ranks
+from cache_builder.draft import draft_manifest, encoding_for, tokenizer_files
 from cache_builder.pipeline import WriterThread, records_from, to_host
 from cache_builder.plan import BuildPlan, ShardPlan, make_plan, segments_of
 from cache_builder.rows import BadRows
 from cache_builder.teacher import Teacher, load_teacher
-from cache_builder.tokenizer import load_tokenizer, tokenizer_info
+from cache_builder.tokenizer import load_tokenizer
 from cache_builder.topk import SignalOptions, TeacherSignals
-from schemas.cache import COMMITS, TOKENIZER_DIR, CacheWriter, check_output, file_info
-from schemas.encodings import TopkEncoding, default_encoding
+from schemas.cache import COMMITS, TOKENIZER_DIR
 from schemas.errors import KdcacheError
 from schemas.fingerprint import StreamHasher
 from schemas.lock import CacheLock, torchrun_job
-from schemas.manifest import BuildSettings, DatasetInfo, Manifest, TeacherInfo, TokenizerInfo
-from schemas.record import Layout
 from schemas.storage import join, public_location
+from schemas.writer import CacheWriter, check_output
 
 
 @dataclass(frozen=True)
@@ -143,9 +139,9 @@ def build(cfg: BuildConfig) -> BuildResult:
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
         )
-        encoding = _encoding(cfg, teacher.vocab_size)
-        tokenizer_bytes = _tokenizer_files(tokenizer)
-        draft = _draft_manifest(
+        encoding = encoding_for(cfg, teacher.vocab_size)
+        tokenizer_bytes = tokenizer_files(tokenizer)
+        draft = draft_manifest(
             cfg, teacher, teacher_label, tokenizer, tokenizer_bytes, data_info, encoding, skipped
         )
 
@@ -323,79 +319,6 @@ def _plan(stream: Iterator[Segment], cfg: BuildConfig, label: str) -> tuple[Buil
     return plan, info
 
 
-def _draft_manifest(
-    cfg: BuildConfig,
-    teacher: Teacher,
-    teacher_label: str,
-    tokenizer,
-    tokenizer_bytes: dict[str, bytes],
-    data: dict,
-    encoding: TopkEncoding,
-    skipped: BadRows,
-) -> Manifest:
-    """The manifest of the finished cache, minus its shards. Nothing local or secret goes in:
-    where things were is recorded by `public_location`, what they were by their hashes. The
-    build config also counts what --skip-bad-rows left out (outside the cache's fingerprint, like
-    all of the config: the dataset fingerprint covers the token stream that is left)."""
-    tok = tokenizer_info(tokenizer)
-    tok["name_or_path"] = teacher_label  # the tokenizer is always the teacher's own
-    files = tuple(file_info(name, data) for name, data in sorted(tokenizer_bytes.items()))
-    return Manifest(
-        format=cfg.format,
-        teacher=TeacherInfo(**{**dataclasses.asdict(teacher.info), "name_or_path": teacher_label}),
-        tokenizer=TokenizerInfo(**tok, files=files),
-        dataset=DatasetInfo(**data),
-        build=BuildSettings(
-            top_k=cfg.top_k,
-            max_length=cfg.max_length,
-            packing="block-diagonal",
-            num_samples=cfg.samples,
-            sample_temperature=cfg.sample_temperature,
-            temperatures=tuple(cfg.temperatures),
-            dtype=str(teacher.dtype).removeprefix("torch."),
-            seed=cfg.seed,
-            shard_tokens=cfg.shard_tokens,
-            config={
-                **_public_config(cfg),
-                "skipped_rows": skipped.rows,
-                "skipped_files": skipped.files,
-            },
-        ),
-        layout=Layout(
-            k=cfg.top_k,
-            vocab_size=teacher.vocab_size,
-            temperatures=tuple(cfg.temperatures),
-            num_samples=cfg.samples,
-            content_keys=True,
-        ),
-        encoding=encoding.to_json(),
-    )
-
-
-def _encoding(cfg: BuildConfig, vocab_size: int) -> TopkEncoding:
-    from schemas.errors import ConfigError
-
-    if cfg.top_k > vocab_size:
-        raise ConfigError(
-            f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({vocab_size})"
-        )
-    base = default_encoding(vocab_size)
-    try:
-        enc = TopkEncoding.from_json(
-            {
-                **base.to_json(),
-                **({"ids": cfg.id_encoding} if cfg.id_encoding else {}),
-                **({"values": cfg.value_encoding} if cfg.value_encoding else {}),
-            }
-        )
-        enc.columns(cfg.top_k, vocab_size)
-    except ValueError as exc:
-        raise ConfigError(
-            f"{exc}", hint="see `kdcache build --help` for --id-encoding and --value-encoding"
-        ) from None
-    return enc
-
-
 def _remove_stale_temporaries(writer: CacheWriter) -> None:
     """Delete the `.tmp-*` files of atomic writes that a killed run left half-done.
 
@@ -408,24 +331,6 @@ def _remove_stale_temporaries(writer: CacheWriter) -> None:
         for path in writer.fs.ls(folder, detail=False):
             if posixpath.basename(path.rstrip("/")).startswith(".tmp-"):
                 writer.fs.rm(path, recursive=True)
-
-
-def _tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """The files `save_pretrained` writes for `tokenizer`: the copy stored in the cache."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir())}
-
-
-def _public_config(cfg: BuildConfig) -> dict:
-    """The build settings as the manifest records them: no output location, sources by
-    `public_location`."""
-    config = cfg.identity()
-    config.pop("out")
-    for key in ("teacher", "dataset"):
-        if config[key] is not None:
-            config[key] = public_location(config[key])
-    return config
 
 
 def _resolve_defaults(cfg: BuildConfig, say) -> tuple[str, str, str, str, str]:

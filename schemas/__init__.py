@@ -8,7 +8,7 @@ without a deep-learning stack:
     >>> records = cache.read_shard(0)        # ShardRecords of numpy arrays
 """
 
-from schemas.cache import BACKENDS, Cache, CacheWriter, open_cache
+from schemas.cache import BACKENDS, Cache, open_cache
 from schemas.derive import DeriveResult, merge_caches, merge_differences, split_cache, subset_cache
 from schemas.encodings import TopkEncoding
 from schemas.errors import (
@@ -22,6 +22,7 @@ from schemas.errors import (
 from schemas.manifest import Manifest, ShardInfo, parse_manifest
 from schemas.record import RECORD_FIELDS, Layout, ShardRecords
 from schemas.version import FORMAT_VERSION
+from schemas.writer import CacheWriter
 
 __all__ = [
     "BACKENDS",

@@ -21,6 +21,7 @@ import zarr
 from schemas import _spec_tables, backend, cache, manifest, record
 from schemas.encodings import default_encoding
 from schemas.fidelity import ShardFidelity, summarize
+from schemas.writer import CacheWriter
 
 _TOKENIZER = {"tokenizer.json": b'{"model": {"type": "BPE"}}\n'}
 
@@ -102,7 +103,7 @@ def write_examples() -> Written:
     with tempfile.TemporaryDirectory(prefix="kdcache-spec-") as tmp:
         for fmt in cache.BACKENDS:
             root = Path(tmp, fmt)
-            writer = cache.CacheWriter(str(root), _example_draft(fmt))
+            writer = CacheWriter(str(root), _example_draft(fmt))
             writer.store_tokenizer(_TOKENIZER)
             with writer.shard_writer(0) as w:
                 staged = staged or Path(w.tmp_path).name

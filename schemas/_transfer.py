@@ -10,7 +10,7 @@ A shard kept in part is *rewritten*: the kept sequences' stored columns are writ
 without decoding, so the records stay bit for bit what the build wrote, under the new cache's
 identity.
 
-Both follow the commit protocol of `schemas.cache`: staged under `staging/`, committed, then
+Both follow the commit protocol of `schemas.writer`: staged under `staging/`, committed, then
 moved into `shards/`.
 """
 
@@ -27,11 +27,12 @@ import numpy as np
 from fsspec import AbstractFileSystem
 
 from schemas.backend import STAGING_DIR, shard_name
-from schemas.cache import Cache, CacheWriter
+from schemas.cache import Cache
 from schemas.errors import CacheCorruptError
 from schemas.fidelity import ShardFidelity
 from schemas.manifest import ShardInfo
 from schemas.storage import is_local, join
+from schemas.writer import CacheWriter
 
 _NO_HARD_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 """Why a hard link can fail where a copy works: another device, a filesystem without links,

@@ -9,7 +9,7 @@ A shard holds whole sequences. Writers are context managers with a commit:
 Until it is published, everything lives under `staging/` at the cache root, where no reader
 and no glob over `shards/` looks; an exception inside the `with` removes it. In a cache,
 `CacheWriter.commit_shard` seals, writes the commit record, then publishes (moves the shard
-into `shards/`): so `shards/` only ever holds committed shards (see `schemas.cache`).
+into `shards/`): so `shards/` only ever holds committed shards (see `schemas.writer`).
 `finalize` seals and publishes at once, for a shard written on its own.
 
 Both backends store the same encoded columns (`schemas._columns`), so the records they hand

@@ -17,7 +17,6 @@ Only complete caches of format 2.0 or later qualify: 1.x caches carry no content
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
@@ -27,14 +26,14 @@ from typing import Any
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from schemas._transfer import rewrite, take_over
-from schemas.cache import Cache, CacheWriter, check_output, differences, open_cache
+from schemas._derive_write import Derived, Scanned, Take, write_derived
+from schemas.cache import Cache, open_cache
 from schemas.errors import CacheCorruptError, ConfigError, IncompatibleCacheError
-from schemas.fingerprint import config_fingerprint
 from schemas.lock import CacheLock
-from schemas.manifest import DatasetInfo, Derivation, Manifest, ShardInfo, SourceCache
-from schemas.storage import is_local, public_location, resolve
+from schemas.manifest import Manifest
+from schemas.storage import is_local, resolve
 from schemas.version import parse_version
+from schemas.writer import differences
 
 _MEANING = ("top_k", "max_length", "packing", "num_samples", "sample_temperature",
             "temperatures", "dtype")  # fmt: skip
@@ -51,27 +50,6 @@ def merge_differences(a: Manifest, b: Manifest) -> list[str]:
     hashed = a.teacher.weights_sha256 or b.teacher.weights_sha256
     teacher = ("weights_sha256",) if hashed else ("name_or_path",)
     return differences(a, b, {**MERGE_FIELDS, "teacher": teacher})
-
-
-@dataclass(frozen=True)
-class Derived:
-    """One cache a derivation wrote: its size, and how this run put its shards there."""
-
-    url: str
-    tokens: int
-    documents: int
-    shards: int
-    moved: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Shards by how: "linked" (hard links), "copied" (by the store, or across devices),
-    "rewritten", "already there" (committed by a killed earlier run)."""
-    already_complete: bool = False
-
-    def brief(self) -> str:
-        how = ", ".join(f"{n} {what}" for what, n in self.moved.items() if n) or "empty"
-        how = "already complete, nothing to do" if self.already_complete else how
-        return (
-            f"{self.tokens:,} tokens, {self.documents:,} documents in {self.shards} shards ({how})"
-        )
 
 
 @dataclass(frozen=True)
@@ -96,38 +74,6 @@ class DeriveResult:
             return (f"split into train {out.url}: {out.brief()}; val {val.url}: {val.brief()}; "
                     f"val holds {share:.1%} of the tokens")  # fmt: skip
         return f"subset into {out.url}: {out.brief()}, of {self.source_tokens:,} tokens"
-
-
-@dataclass(frozen=True, eq=False)
-class _Scanned:
-    """One source shard's per-sequence facts, from the first pass: its cache's position among
-    the sources, and (S,) content keys, window starts (0: a document's first) and lengths."""
-
-    source: int
-    info: ShardInfo
-    keys: np.ndarray
-    starts: np.ndarray
-    lengths: np.ndarray
-
-
-@dataclass(frozen=True, eq=False)
-class _Take:
-    """One output shard: the sequences `kept` (positions, in order) of a source shard; None
-    keeps the whole shard, which is then taken over unchanged."""
-
-    shard: _Scanned
-    kept: np.ndarray | None = None
-
-    def _picked(self, values: np.ndarray) -> np.ndarray:
-        return values if self.kept is None else values[self.kept]
-
-    @property
-    def tokens(self) -> int:
-        return int(self._picked(self.shard.lengths).sum())
-
-    @property
-    def documents(self) -> int:
-        return int(np.count_nonzero(self._picked(self.shard.starts) == 0))
 
 
 # -- the three operations ----------------------------------------------------------------------
@@ -158,7 +104,7 @@ def merge_caches(
                 hint="merge only caches built with the same teacher, tokenizer and settings",
             )
     _check_outputs([out], caches, storage_options)
-    takes: list[_Take] = []
+    takes: list[Take] = []
     seen = np.zeros(0, dtype=np.uint64)
     dropped_docs = dropped_seqs = dropped_tokens = 0
     for index, cache in enumerate(caches):
@@ -168,15 +114,17 @@ def merge_caches(
             dropped_seqs += int(duplicate.sum())
             dropped_tokens += int(shard.lengths[duplicate].sum())
             if not duplicate.any():
-                takes.append(_Take(shard))
+                takes.append(Take(shard))
             elif not duplicate.all():
-                takes.append(_Take(shard, np.flatnonzero(~duplicate)))
+                takes.append(Take(shard, np.flatnonzero(~duplicate)))
         keys = np.concatenate([s.keys for s in scanned] or [seen[:0]])
         dropped_docs += int(np.isin(np.unique(keys), seen).sum())
         seen = np.union1d(seen, keys)
     options = {"deduplicate": "document_hash"}
     with _locked([out], "kdcache merge", break_lock, storage_options) as locks:
-        derived = _write(out, "merge", caches, options, takes, overwrite, locks[0], storage_options)
+        derived = write_derived(
+            out, "merge", caches, options, takes, overwrite, locks[0], storage_options
+        )
     total = sum(c.manifest.num_tokens for c in caches)
     return DeriveResult("merge", (derived,), total, (dropped_docs, dropped_seqs, dropped_tokens))
 
@@ -208,14 +156,14 @@ def split_cache(
     keys = np.concatenate([s.keys for s in scanned] or [np.zeros(0, np.uint64)])
     lengths = np.concatenate([s.lengths for s in scanned] or [np.zeros(0, np.int64)])
     val_docs = val_documents(keys, lengths, val_fraction, seed)
-    parts: dict[str, list[_Take]] = {"train": [], "val": []}
+    parts: dict[str, list[Take]] = {"train": [], "val": []}
     for shard in scanned:
         is_val = np.isin(shard.keys, val_docs)
         for part, mask in (("train", ~is_val), ("val", is_val)):
             if mask.all():
-                parts[part].append(_Take(shard))
+                parts[part].append(Take(shard))
             elif mask.any():
-                parts[part].append(_Take(shard, np.flatnonzero(mask)))
+                parts[part].append(Take(shard, np.flatnonzero(mask)))
     for part, takes in parts.items():
         if not takes:
             raise ConfigError(
@@ -230,7 +178,9 @@ def split_cache(
             options = {"val_fraction": val_fraction, "seed": seed, "part": part}
             takes = parts[part]
             outputs.append(
-                _write(url, "split", [cache], options, takes, overwrite, lock, storage_options)
+                write_derived(
+                    url, "split", [cache], options, takes, overwrite, lock, storage_options
+                )
             )
     return DeriveResult("split", tuple(outputs), int(lengths.sum()))
 
@@ -250,15 +200,15 @@ def subset_cache(
         raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
     cache = _open_source(source, storage_options)
     _check_outputs([out], [cache], storage_options)
-    takes: list[_Take] = []
+    takes: list[Take] = []
     used = first = 0
     for shard in _scan(0, cache):
         first = first or int(shard.lengths[shard.lengths > 0][:1].sum())
         fits = int(np.searchsorted(np.cumsum(shard.lengths), max_tokens - used, side="right"))
         if fits == len(shard.lengths):
-            takes.append(_Take(shard))
+            takes.append(Take(shard))
         elif fits:
-            takes.append(_Take(shard, np.arange(fits)))
+            takes.append(Take(shard, np.arange(fits)))
         used += int(shard.lengths[:fits].sum())
         if fits < len(shard.lengths):
             break
@@ -270,7 +220,7 @@ def subset_cache(
         )
     options = {"max_tokens": max_tokens}
     with _locked([out], "kdcache subset", break_lock, storage_options) as locks:
-        derived = _write(
+        derived = write_derived(
             out, "subset", [cache], options, takes, overwrite, locks[0], storage_options
         )
     return DeriveResult("subset", (derived,), cache.manifest.num_tokens)
@@ -320,7 +270,7 @@ def _open_source(url: str, storage_options: dict[str, Any]) -> Cache:
     return cache
 
 
-def _scan(source: int, cache: Cache) -> Iterator[_Scanned]:
+def _scan(source: int, cache: Cache) -> Iterator[Scanned]:
     """Each listed shard's per-sequence facts, the shard checked against the manifest."""
     for info in cache.shards:
         stored = cache.reader(info).read_stored()
@@ -333,7 +283,7 @@ def _scan(source: int, cache: Cache) -> Iterator[_Scanned]:
                 hint="run `kdcache validate --deep` on it and restore it from its producer",
             )
         seq = stored.sequences
-        yield _Scanned(source, info, seq["document_hash"], seq["source_start"], lengths)
+        yield Scanned(source, info, seq["document_hash"], seq["source_start"], lengths)
 
 
 @contextlib.contextmanager
@@ -365,90 +315,3 @@ def _check_outputs(outs: list[str], sources: list[Cache], storage_options: dict[
 
 def _real(fs: AbstractFileSystem, root: str) -> str:
     return os.path.realpath(root) if is_local(fs) else root
-
-
-# -- writing a derived cache -------------------------------------------------------------------
-
-
-def _write(
-    url: str,
-    operation: str,
-    sources: list[Cache],
-    options: dict[str, Any],
-    takes: list[_Take],
-    overwrite: bool,
-    lock: CacheLock,
-    storage_options: dict[str, Any],
-) -> Derived:
-    """Write (or resume, or confirm) the derived cache at `url`, holding `lock` on it: one
-    output shard per take."""
-    draft = _draft(operation, sources, options, takes)
-    check_output(url, overwrite=overwrite, **storage_options)
-    writer = CacheWriter(url, draft, overwrite=overwrite, lock=lock, **storage_options)
-    size = (url, draft.dataset.num_tokens, draft.dataset.num_documents, len(takes))
-    if writer.complete:
-        return Derived(*size, already_complete=True)
-    writer.recover()
-    writer.remove_temporaries()
-    if files := draft.tokenizer.files:
-        with sources[0].tokenizer_files() as folder:
-            data = {}
-            for f in files:
-                with open(os.path.join(folder, f.name), "rb") as fh:
-                    data[f.name] = fh.read()
-        writer.store_tokenizer(data)
-    committed = writer.committed()
-    moved = {"linked": 0, "copied": 0, "rewritten": 0, "already there": 0}
-    for index, take in enumerate(takes):
-        if index in committed:
-            moved["already there"] += 1
-            continue
-        source, info = sources[take.shard.source], take.shard.info
-        if take.kept is None:
-            _, how = take_over(source, info, writer, index)
-        else:
-            rewrite(source, info, take.kept, writer, index)
-            how = "rewritten"
-        moved[how] += 1
-    writer.finalize(len(takes))
-    return Derived(*size, moved)
-
-
-def _draft(
-    operation: str, sources: list[Cache], options: dict[str, Any], takes: list[_Take]
-) -> Manifest:
-    """The derived cache's manifest minus its shards: the first source's settings, a dataset
-    fingerprinted from the operation, the sources' token streams and the options."""
-    datasets = [c.manifest.dataset for c in sources]
-    first = datasets[0]
-
-    def common(attr: str) -> Any:
-        value = getattr(first, attr)
-        return value if all(getattr(d, attr) == value for d in datasets) else None
-
-    n = len(sources)
-    what = {"operation": operation, "sources": [d.fingerprint for d in datasets]}
-    part = f" ({options['part']} part)" if "part" in options else ""
-    dataset = DatasetInfo(
-        source=f"{operation} of {n} cache{'s' if n > 1 else ''}{part}",
-        split=common("split"),
-        text_field=common("text_field"),
-        fingerprint=config_fingerprint({**what, "options": options}),
-        num_documents=sum(t.documents for t in takes),
-        num_tokens=sum(t.tokens for t in takes),
-    )
-    derived = Derivation(
-        operation=operation,
-        sources=tuple(
-            SourceCache(
-                url=public_location(c.url),
-                fingerprint=c.manifest.fingerprint,
-                dataset_fingerprint=c.manifest.dataset.fingerprint,
-            )
-            for c in sources
-        ),
-        options=options,
-    )
-    return dataclasses.replace(
-        sources[0].manifest, dataset=dataset, derived=derived, fidelity=None, extensions={}
-    )

@@ -35,6 +35,7 @@ from schemas import (
     encodings,
     manifest,
     version,
+    writer,
 )
 from schemas._spec_docs import anchor, attribute_docs, fenced, table
 from schemas._spec_examples import (
@@ -221,7 +222,7 @@ def _manifest(w: Written) -> str:
 
 
 def _commits(w: Written) -> str:
-    protocol = _list_apart(inspect.cleandoc(cache.__doc__ or "").split("\n\n", 1)[1])
+    protocol = _list_apart(inspect.cleandoc(writer.__doc__ or "").split("\n\n", 1)[1])
     return "\n\n".join(
         [
             protocol,

@@ -193,10 +193,10 @@ def test_shard_files_are_on_disk_before_their_commit_record(
     """Every file of a staged shard, every folder of it and `staging/` itself are fsynced
     before the commit record naming it is written: a power loss cannot leave a record pointing
     at data the disk never got."""
-    import schemas.cache
+    import schemas.writer
 
     synced: set[str] = set()
-    real_fsync, real_write = os.fsync, schemas.cache.write_bytes_atomic
+    real_fsync, real_write = os.fsync, schemas.writer.write_bytes_atomic
     checked: list[str] = []
 
     def recording_fsync(fd: int) -> None:
@@ -213,7 +213,7 @@ def test_shard_files_are_on_disk_before_their_commit_record(
         real_write(fs, path, data)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(schemas.cache, "write_bytes_atomic", checking_write)
+    monkeypatch.setattr(schemas.writer, "write_bytes_atomic", checking_write)
     data = write_docs(tmp_path / "few.jsonl", 3, 1200)
     cache = build_here(tmp_path / "w", tiny_llama_dir, data, format=fmt)
     shards = open_cache(str(cache), require_complete=True).shards

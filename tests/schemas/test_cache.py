@@ -247,7 +247,7 @@ def test_half_written_commit_records_of_other_ranks_are_ignored(tmp_path) -> Non
 
 def _killed_between_record_and_move(url: str, monkeypatch) -> tuple[CacheWriter, str]:
     """Commit shard 1 of a 2-shard cache, but die before its move into shards/."""
-    import schemas.cache
+    import schemas.writer
 
     small = dataclasses.replace(draft(), dataset=dataclasses.replace(draft().dataset, num_tokens=9))
     writer = CacheWriter(url, small)
@@ -258,7 +258,7 @@ def _killed_between_record_and_move(url: str, monkeypatch) -> tuple[CacheWriter,
     def killed(*args: object) -> None:
         raise KeyboardInterrupt("killed mid-move")
 
-    monkeypatch.setattr(schemas.cache, "publish_shard", killed)
+    monkeypatch.setattr(schemas.writer, "publish_shard", killed)
     shard = writer.shard_writer(1)
     shard.write(random_records(writer.draft.layout, [5], 1))
     with pytest.raises(KeyboardInterrupt):

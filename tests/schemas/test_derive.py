@@ -16,8 +16,8 @@ import fsspec
 import numpy as np
 import pytest
 
+import schemas._derive_write
 import schemas._transfer
-import schemas.derive
 from schemas import (
     CacheCorruptError,
     ConfigError,
@@ -323,8 +323,8 @@ def test_a_killed_merge_resumes_to_the_same_cache(ab, tmp_path: Path, monkeypatc
             raise KeyboardInterrupt
         return take_over(*args)
 
-    take_over = schemas.derive.take_over
-    monkeypatch.setattr(schemas.derive, "take_over", dies_on_the_fourth)
+    take_over = schemas._derive_write.take_over
+    monkeypatch.setattr(schemas._derive_write, "take_over", dies_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         merge_caches([a, b], out)
     monkeypatch.undo()
