@@ -30,10 +30,44 @@ def friendly_errors(fn: F) -> F:
         except KdcacheError as exc:
             raise click.ClickException(str(exc)) from None
         except storage_failures() as exc:
-            text = f"{exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-            raise click.ClickException(one_line(text)) from None
+            if isinstance(exc, OSError):  # names its own path
+                raise click.ClickException(one_line(str(exc))) from None
+            # A store's client failing inside another library's call (zarr's reads, s3fs's
+            # listings) after every retry: its text names no cache, so name the command's.
+            text = one_line(f"{type(exc).__name__}: {exc}")
+            url = _command_url()
+            where = (
+                f"{url}: the storage failed while `kdcache {_command_name()}` ran on it: "
+                if url
+                else ""
+            )
+            raise click.ClickException(
+                f"{where}{text}. Fix: check that the store is reachable and not throttling, "
+                "then re-run (a build resumes from its last committed shard)"
+            ) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_URL_PARAMS = ("cache", "out", "out_train")
+"""The parameters that name the cache a command reads or writes: `train` reads --cache and
+writes its run to --out, `build` writes --out; the first one set is named."""
+
+
+def _command_url() -> str | None:
+    from schemas.storage import shown
+
+    ctx = click.get_current_context(silent=True)
+    for name in _URL_PARAMS:
+        value = ctx.params.get(name) if ctx is not None else None
+        if isinstance(value, str) and value:
+            return shown(value)
+    return None
+
+
+def _command_name() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.info_name if ctx is not None and ctx.info_name else "command"
 
 
 def cache_url(option: str) -> Callable[[click.Context, click.Parameter, Any], Any]:

@@ -214,3 +214,24 @@ def test_a_storage_option_the_store_does_not_take_is_one_line(tmp_path) -> None:
     )  # fmt: skip
     line = one_line_error(proc)
     assert "retries" in line and "--storage-option" in line
+
+
+def test_a_store_client_failing_inside_another_library_names_the_commands_cache() -> None:
+    """aiohttp's error (zarr or s3fs reading, every retry spent) names no cache by itself."""
+    import aiohttp
+    import click
+    from click.testing import CliRunner
+
+    from kdcache._options import friendly_errors
+
+    @click.command()
+    @click.option("--out")
+    @friendly_errors
+    def build(out: str) -> None:
+        raise aiohttp.ClientPayloadError("Response payload is not completed")
+
+    result = CliRunner().invoke(build, ["--out", "s3://team/cache"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = result.output.strip()
+    assert line.startswith("Error: s3://team/cache: the storage failed while `kdcache build` ran")
+    assert "ClientPayloadError: Response payload is not completed. Fix: " in line
