@@ -29,7 +29,7 @@ test: $(STAMP)
 # the short ones, counted into RELIABILITY.md (tests/fixtures/reliability.py).
 test-long: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(PYTEST_JOBS) --dist loadfile -m "long or reliability" \
-		--reliability-report RELIABILITY.md
+		--reliability-report=RELIABILITY.md
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

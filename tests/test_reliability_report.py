@@ -59,7 +59,7 @@ def test_a_run_with_workers_writes_the_figures(
     report = pytester.path / "RELIABILITY.md"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     result = pytester.runpytest_subprocess(
-        "-p", "tests.fixtures.reliability", "-n", "2", "--reliability-report", str(report)
+        "-p", "tests.fixtures.reliability", "-n", "2", f"--reliability-report={report}"
     )
     result.assert_outcomes(passed=4, failed=1)
     text = report.read_text()
