@@ -9,10 +9,14 @@ extra temperature) of every block of b columns in one pass; the top-k can only l
 blocks with the largest maxima, so the exact top-k is taken over those k * b logits instead of
 the whole row (torch.topk over [16384, 128256] costs ~10x a read of the logits on an H100). The
 tail mass is the log-sum-exp of the blocks not picked plus the candidates not kept, a sum of
-what is in the tail and never `1 - sum(top-k)`, which cancels when the tail is tiny. Running
-merges across chunks keep the top-k, the lse, the tail, the logit of the true next token, and
-`num_samples` independent draws from softmax(logits / sample_temperature), each kept as a
-one-item weighted reservoir that moves to a new chunk with that chunk's share of the mass.
+what is in the tail and never `1 - sum(top-k)`, which cancels when the tail is tiny.
+
+Each chunk gives a small `ChunkPartial` (its candidates, lse's, tail, the label's logit, its
+draws), and a `Fold` merges them in vocabulary order: the top-k, the lse, the tail, the logit
+of the true next token, and `num_samples` independent draws from
+softmax(logits / sample_temperature), each kept as a one-item weighted reservoir that moves to
+a new chunk with that chunk's share of the mass. A tensor-parallel teacher runs the same fold
+over the partials of every rank's vocabulary slice (`cache_builder.vocab_parallel`).
 
 Top-k ties are broken by the lower token id: torch.topk picks among equal logits arbitrarily
 (on the CPU it differs from run to run of the same input), and a cache must not depend on that.
@@ -37,10 +41,14 @@ from cache_builder.block_topk import chunk_top
 from schemas.errors import KdcacheError
 
 __all__ = [
+    "ChunkPartial",
+    "Fold",
     "NonFiniteError",
     "SignalOptions",
     "TeacherSignals",
     "check_finite",
+    "check_labels",
+    "chunk_partial",
     "teacher_signals",
     "teacher_signals_from_logits",
 ]
@@ -230,14 +238,7 @@ def _stream(
     scratch: bool,
 ) -> TeacherSignals:
     """`chunk` gives logits blocks; `scratch`: each is fresh and may be overwritten."""
-    if options.k > vocab_size:
-        raise ValueError(f"k must be in [1, V={vocab_size}], got {options.k}")
-    if labels.shape != (num_rows,) or labels.dtype != torch.int64:
-        raise ValueError(
-            f"labels must be ({num_rows},) int64, got {tuple(labels.shape)} {labels.dtype}"
-        )
-    if num_rows and (int(labels.min()) < -1 or int(labels.max()) >= vocab_size):  # deliberate sync
-        raise ValueError(f"labels must be token ids in [0, {vocab_size}) or -1 for no next token")
+    check_labels(labels, num_rows, vocab_size, options)
     step = options.row_chunk
     parts = [
         _stream_rows(
@@ -253,6 +254,18 @@ def _stream(
     return TeacherSignals.cat(parts)
 
 
+def check_labels(labels: Tensor, num_rows: int, vocab_size: int, options: SignalOptions) -> None:
+    """ValueError unless labels are (num_rows,) int64 ids in [0, V) or -1, and k <= V."""
+    if options.k > vocab_size:
+        raise ValueError(f"k must be in [1, V={vocab_size}], got {options.k}")
+    if labels.shape != (num_rows,) or labels.dtype != torch.int64:
+        raise ValueError(
+            f"labels must be ({num_rows},) int64, got {tuple(labels.shape)} {labels.dtype}"
+        )
+    if num_rows and (int(labels.min()) < -1 or int(labels.max()) >= vocab_size):  # deliberate sync
+        raise ValueError(f"labels must be token ids in [0, {vocab_size}) or -1 for no next token")
+
+
 def _stream_rows(
     chunk: Callable[[int, int], Tensor],
     labels: Tensor,
@@ -261,66 +274,144 @@ def _stream_rows(
     generator: torch.Generator | None,
     scratch: bool,
 ) -> TeacherSignals:
-    """One block of r rows: a single walk over the vocabulary."""
-    k, temperatures, vocab_chunk = options.k, options.temperatures, options.vocab_chunk
-    sample_temperature = options.sample_temperature
-    r, dev, n = labels.shape[0], labels.device, options.num_samples
-    neg_inf = torch.full((r,), -torch.inf, device=dev)
-    top_v = torch.empty((r, 0), device=dev)  # (r, <=k) running top-k, ranked
-    top_i = torch.empty((r, 0), dtype=torch.int64, device=dev)
-    lse, tail = neg_inf, neg_inf  # (r,) running log-sum-exp of all / of non-top-k logits
-    extra = tuple(t for t in temperatures if t != 1.0)
-    extra_lse = torch.full((r, len(extra)), -torch.inf, device=dev)
-    label_logit = torch.full((r,), torch.nan, device=dev)
-    if n:
-        sample_lse = neg_inf  # (r,) running lse at the sample temperature
-        sample_ids = torch.zeros((r, n), dtype=torch.int64, device=dev)
-        sample_logit = torch.zeros((r, n), device=dev)
+    """One block of r rows: a single walk over the vocabulary, each chunk folded in as it comes."""
+    fold = Fold(labels, options)
+    for s in range(0, vocab_size, options.vocab_chunk):
+        e = min(s + options.vocab_chunk, vocab_size)
+        fold.add(chunk_partial(chunk(s, e), s, labels, options, generator, scratch), generator)
+    return fold.result()
 
-    for s in range(0, vocab_size, vocab_chunk):
-        e = min(s + vocab_chunk, vocab_size)
-        z = chunk(s, e)  # (r, c) in the model's dtype (float32 after a transform)
-        c, kc = e - s, min(k, e - s)
 
-        inside = (labels >= s) & (labels < e)
-        at = (labels - s).clamp(0, c - 1).unsqueeze(1)
-        label_logit = torch.where(inside, z.gather(1, at).squeeze(1).float(), label_logit)
+@dataclass
+class ChunkPartial:
+    """What the vocabulary columns [start, end) contribute to r rows' signals.
 
-        cv, ci, chunk_lse, chunk_tail, chunk_extra = chunk_top(
-            z, kc, extra, options.block, scratch=scratch and not n
-        )
-        lse = torch.logaddexp(lse, chunk_lse)
-        extra_lse = torch.logaddexp(extra_lse, chunk_extra)
-        v, i = _rank(torch.cat([top_v, cv], 1), torch.cat([top_i, ci + s], 1))
-        if v.shape[1] > k:  # candidates that fell out of the top-k join the tail
-            tail = torch.logaddexp(tail, torch.logsumexp(v[:, k:], dim=1))
-        tail = torch.logaddexp(tail, chunk_tail)
-        top_v, top_i = v[:, :k], i[:, :k]
+    Small beside the logits: kc = min(k, end - start) candidates and a few scalars per row.
+    Chunks of one walk, or vocabulary slices on tensor-parallel ranks, are merged by `Fold`.
+    """
 
-        if n:
-            zf = z.float()
-            zs = zf if sample_temperature == 1.0 else zf / sample_temperature
-            cl = chunk_lse if sample_temperature == 1.0 else torch.logsumexp(zs, dim=1)
-            ids, logit, sample_lse = _reservoir_step(zs, zf, cl, sample_lse, n, generator)
-            moved = ids >= 0
-            sample_ids = torch.where(moved, ids + s, sample_ids)
-            sample_logit = torch.where(moved, logit, sample_logit)
+    start: int
+    end: int
+    values: Tensor
+    """(r, kc) float32: the chunk's top logits, ranked (ties: lower id first)."""
+    ids: Tensor
+    """(r, kc) int64: their global token ids."""
+    lse: Tensor
+    """(r,) log-sum-exp of the chunk's logits."""
+    tail: Tensor
+    """(r,) log-sum-exp of the chunk's logits outside its own top-kc."""
+    extra_lse: Tensor
+    """(r, m') log-sum-exp of logits / T for each extra temperature T != 1."""
+    label_logit: Tensor
+    """(r,) the next token's logit where it lies in [start, end) (anything elsewhere)."""
+    draw_ids: Tensor | None = None
+    """(r, n) int64: global ids drawn from softmax(chunk logits / sample_temperature)."""
+    draw_logit: Tensor | None = None
+    """(r, n) float32: the T = 1 logits of those draws."""
+    sample_lse: Tensor | None = None
+    """(r,) log-sum-exp of the chunk's logits / sample_temperature: its share of the draws."""
 
-    lse_col = lse.unsqueeze(1)
-    out = TeacherSignals(
-        topk_ids=top_i,
-        topk_logprobs=top_v - lse_col,
-        lse=lse,
-        log_tail=tail - lse,
-        label_logprob=label_logit - lse,
+
+def _extra(options: SignalOptions) -> tuple[float, ...]:
+    return tuple(t for t in options.temperatures if t != 1.0)
+
+
+def chunk_partial(
+    z: Tensor,
+    start: int,
+    labels: Tensor,
+    options: SignalOptions,
+    generator: torch.Generator | None,
+    scratch: bool,
+) -> ChunkPartial:
+    """The partial of logits z (r, c) for the vocabulary columns [start, start + c).
+
+    `scratch`: z is fresh and may be overwritten. Draws n ids from within the chunk with
+    `generator` (the fold decides, with its own draws, which of them the row keeps).
+    """
+    c, n = z.shape[1], options.num_samples
+    at = (labels - start).clamp(0, c - 1).unsqueeze(1)
+    label_logit = z.gather(1, at).squeeze(1).float()
+    cv, ci, lse, tail, extra = chunk_top(
+        z, min(options.k, c), _extra(options), options.block, scratch=scratch and not n
     )
-    if temperatures:
-        by_t = dict(zip(extra, extra_lse.unbind(1), strict=True))
-        out.temp_lse = torch.stack([lse if t == 1.0 else by_t[t] for t in temperatures], 1)
+    # Contiguous, as a partial that went through a collective is: elementwise kernels round
+    # differently in the last bit on strided views, and a tensor-parallel fold must match.
+    lse, extra = lse.contiguous(), extra.contiguous()
+    out = ChunkPartial(start, start + c, cv, ci + start, lse, tail, extra, label_logit)
     if n:
-        out.sample_ids, out.sample_counts, logit = _unique_counts(sample_ids, sample_logit)
-        out.sample_logprobs = logit - lse_col
+        zf = z.float()
+        t = options.sample_temperature
+        zs = zf if t == 1.0 else zf / t
+        out.sample_lse = lse if t == 1.0 else torch.logsumexp(zs, dim=1)
+        draw = _draw(zs, out.sample_lse, n, generator)
+        out.draw_ids, out.draw_logit = draw + start, zf.gather(1, draw)
     return out
+
+
+class Fold:
+    """The running merge of chunk partials of r rows, taken in vocabulary order.
+
+    Keeps the top-k (ranked, ties to the lower id), the lse at T = 1 and at each extra T, the
+    lse of everything outside the top-k, the next token's logit, and `num_samples` one-item
+    weighted reservoirs: a slot moves to a chunk's draw with probability (chunk mass / mass
+    so far), so after the last chunk it holds token i with probability p_i.
+    """
+
+    def __init__(self, labels: Tensor, options: SignalOptions) -> None:
+        r, dev, n = labels.shape[0], labels.device, options.num_samples
+        self.labels, self.options = labels, options
+        neg_inf = torch.full((r,), -torch.inf, device=dev)
+        self.top_v = torch.empty((r, 0), device=dev)  # (r, <=k) running top-k, ranked
+        self.top_i = torch.empty((r, 0), dtype=torch.int64, device=dev)
+        self.lse, self.tail = neg_inf, neg_inf  # (r,) lse of all / of non-top-k logits
+        self.extra_lse = torch.full((r, len(_extra(options))), -torch.inf, device=dev)
+        self.label_logit = torch.full((r,), torch.nan, device=dev)
+        self.sample_lse = neg_inf  # (r,) lse at the sample temperature of the chunks so far
+        self.sample_ids = torch.zeros((r, n), dtype=torch.int64, device=dev)
+        self.sample_logit = torch.zeros((r, n), device=dev)
+
+    def add(self, p: ChunkPartial, generator: torch.Generator | None) -> None:
+        """Merge the next chunk (in vocabulary order); `generator` draws the reservoir moves."""
+        k = self.options.k
+        inside = (self.labels >= p.start) & (self.labels < p.end)
+        self.label_logit = torch.where(inside, p.label_logit, self.label_logit)
+        self.lse = torch.logaddexp(self.lse, p.lse)
+        self.extra_lse = torch.logaddexp(self.extra_lse, p.extra_lse)
+        v, i = _rank(torch.cat([self.top_v, p.values], 1), torch.cat([self.top_i, p.ids], 1))
+        if v.shape[1] > k:  # candidates that fell out of the top-k join the tail
+            self.tail = torch.logaddexp(self.tail, torch.logsumexp(v[:, k:], dim=1))
+        self.tail = torch.logaddexp(self.tail, p.tail)
+        self.top_v, self.top_i = v[:, :k], i[:, :k]
+        if self.options.num_samples:
+            assert p.draw_ids is not None and p.draw_logit is not None
+            new_lse = torch.logaddexp(self.sample_lse, p.sample_lse)
+            p_move = torch.exp(p.sample_lse - new_lse).unsqueeze(1)  # (r, 1)
+            u = torch.rand(p.draw_ids.shape, device=p.draw_ids.device, generator=generator)
+            moved = u < p_move
+            self.sample_ids = torch.where(moved, p.draw_ids, self.sample_ids)
+            self.sample_logit = torch.where(moved, p.draw_logit, self.sample_logit)
+            self.sample_lse = new_lse
+
+    def result(self) -> TeacherSignals:
+        lse, temperatures = self.lse, self.options.temperatures
+        lse_col = lse.unsqueeze(1)
+        out = TeacherSignals(
+            topk_ids=self.top_i,
+            topk_logprobs=self.top_v - lse_col,
+            lse=lse,
+            log_tail=self.tail - lse,
+            label_logprob=self.label_logit - lse,
+        )
+        if temperatures:
+            by_t = dict(zip(_extra(self.options), self.extra_lse.unbind(1), strict=True))
+            out.temp_lse = torch.stack([lse if t == 1.0 else by_t[t] for t in temperatures], 1)
+        if self.options.num_samples:
+            out.sample_ids, out.sample_counts, logit = _unique_counts(
+                self.sample_ids, self.sample_logit
+            )
+            out.sample_logprobs = logit - lse_col
+        return out
 
 
 def _rank(v: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
@@ -331,29 +422,16 @@ def _rank(v: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
     return v.gather(1, by_value), i.gather(1, by_value)
 
 
-def _reservoir_step(
-    zs: Tensor,
-    z: Tensor,
-    chunk_lse: Tensor,
-    seen_lse: Tensor,
-    n: int,
-    generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Move each of n slots into this chunk with probability (chunk mass / mass so far).
+def _draw(zs: Tensor, chunk_lse: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """n local ids (r, n) drawn with replacement from softmax(zs) within the chunk.
 
-    zs (r, c) are the chunk's logits at the sample temperature and `chunk_lse` their lse; `z`
-    the T = 1 logits. Returns (local id or -1 if the slot stays, T = 1 logit, new seen lse).
-    A slot that ends in this chunk holds token i with probability p_i overall.
+    A row with no mass here (or NaN/inf, which check_finite reports) draws uniformly: the fold
+    never moves a slot to it, as its share of the mass is 0.
     """
-    new_lse = torch.logaddexp(seen_lse, chunk_lse)
-    p_move = torch.exp(chunk_lse - new_lse).unsqueeze(1)  # (r, 1)
-    dead = ~torch.isfinite(chunk_lse)  # no mass here (or NaN/inf, which check_finite reports)
+    dead = ~torch.isfinite(chunk_lse)
     shift = torch.where(dead, 0.0, chunk_lse).unsqueeze(1)
     probs = (zs - shift).exp_().masked_fill_(dead.unsqueeze(1), 1.0)  # (r, c)
-    draw = torch.multinomial(probs, n, replacement=True, generator=generator)  # (r, n)
-    u = torch.rand(draw.shape, device=z.device, generator=generator)
-    moved = u < p_move
-    return torch.where(moved, draw, -1), z.gather(1, draw), new_lse
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
 
 
 def _unique_counts(ids: Tensor, logit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
