@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache_builder.config import BuildConfig
+from cache_builder.config import BuildConfig, parse_max_memory
 from cache_builder.data import PackedBatch, Segment, load_rows, pack, segments, tokenize_rows
 from cache_builder.distributed import Ranks
 from cache_builder.draft import draft_manifest, encoding_for, tokenizer_files
@@ -30,7 +30,7 @@ from cache_builder.teacher import Teacher, load_teacher
 from cache_builder.tokenizer import load_tokenizer
 from cache_builder.topk import SignalOptions, TeacherSignals
 from schemas.cache import COMMITS, TOKENIZER_DIR
-from schemas.errors import KdcacheError
+from schemas.errors import ConfigError, KdcacheError
 from schemas.fingerprint import StreamHasher
 from schemas.lock import CacheLock, torchrun_job
 from schemas.storage import join, public_location
@@ -81,7 +81,13 @@ def build(cfg: BuildConfig) -> BuildResult:
     # and the teacher load.
     check_output(cfg.out, overwrite=cfg.overwrite, **cfg.storage_options)
     start = time.perf_counter()
-    ranks = Ranks.from_env()
+    ranks = Ranks.from_env(tp=cfg.tp)
+    if cfg.device_map is not None and ranks.world_size > 1:
+        raise ConfigError(
+            f"--device-map runs the teacher as one process over this node's GPUs, but this run "
+            f"has {ranks.world_size} processes",
+            hint="run it without torchrun, or split the teacher over ranks with --tp",
+        )
     say = _say if ranks.is_main else _quiet
     lock: CacheLock | None = None
     try:
@@ -138,11 +144,25 @@ def build(cfg: BuildConfig) -> BuildResult:
             device=_device(cfg.device, ranks),
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
+            tp=cfg.tp,
+            device_map=cfg.device_map,
+            max_memory=parse_max_memory(cfg.max_memory) if cfg.max_memory else None,
         )
         encoding = encoding_for(cfg, teacher.vocab_size)
         tokenizer_bytes = tokenizer_files(tokenizer)
+        parallel = dict(
+            tp=ranks.tp, dp=ranks.dp_size, world_size=ranks.world_size, device_map=cfg.device_map
+        )
         draft = draft_manifest(
-            cfg, teacher, teacher_label, tokenizer, tokenizer_bytes, data_info, encoding, skipped
+            cfg,
+            teacher,
+            teacher_label,
+            tokenizer,
+            tokenizer_bytes,
+            data_info,
+            encoding,
+            skipped,
+            parallel,
         )
 
         # Rank 0 creates (or checks, or replaces) the cache before anyone writes into it.
@@ -160,21 +180,23 @@ def build(cfg: BuildConfig) -> BuildResult:
         )
         if writer is not None:
             _remove_stale_temporaries(writer)
+            _check_resumed_layout(writer, cfg)
         ranks.barrier()
-        if writer is None:
+        if writer is None and ranks.is_writer:
             lock = CacheLock.join(cfg.out, job=torchrun_job(), **cfg.storage_options)
             writer = CacheWriter(cfg.out, draft, owner=False, lock=lock, **cfg.storage_options)
-        if writer.complete:
-            m = writer.existing
-            assert m is not None
+        complete = ranks.share_in_group(writer is not None and writer.complete)
+        if complete:
+            m = writer.existing if writer is not None else None
             return BuildResult(
                 cfg.out,
-                m.num_tokens,
-                len(m.shards),
-                m.nbytes,
+                m.num_tokens if m else plan.num_tokens,
+                len(m.shards) if m else len(plan.shards),
+                m.nbytes if m else 0,
                 time.perf_counter() - start,
                 0,
                 True,
+                rank=ranks.rank,
                 skipped=skipped.report(),
             )
         if ranks.is_main:
@@ -182,11 +204,15 @@ def build(cfg: BuildConfig) -> BuildResult:
             # repaired by the rerun.
             writer.store_tokenizer(tokenizer_bytes)
 
-        committed = writer.committed()
-        mine = plan.for_rank(ranks.rank, ranks.world_size)
-        todo = [s for s in mine if s.index not in committed]
-        writer.recover({s.index for s in mine})  # a move a killed run began
-        writer.remove_temporaries({s.index for s in mine})
+        mine = plan.for_rank(ranks.dp_rank, ranks.dp_size)
+        todo_indices = None
+        if writer is not None:  # the group's writer decides; its TP peers follow
+            writer.recover({s.index for s in mine})  # a move a killed run began
+            writer.remove_temporaries({s.index for s in mine})
+            committed = writer.committed()
+            todo_indices = [s.index for s in mine if s.index not in committed]
+        todo_indices = ranks.share_in_group(todo_indices)
+        todo = [s for s in mine if s.index in set(todo_indices)]
         if len(todo) < len(mine):
             say(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards are already committed")
         again = stream(BadRows(skip=cfg.skip_bad_rows))  # skips the same rows: same stream
@@ -229,19 +255,23 @@ def build(cfg: BuildConfig) -> BuildResult:
 def _run(
     cfg: BuildConfig,
     teacher: Teacher,
-    writer: CacheWriter,
+    writer: CacheWriter | None,
     todo: list[ShardPlan],
     stream: Iterator[Segment],
     ranks: Ranks,
     *,
     pad_id: int,
 ) -> int:
-    """Send this rank's unfinished shards through the teacher; returns the tokens processed."""
+    """Send this rank's unfinished shards through the teacher; returns the tokens processed.
+
+    Every rank of a tensor-parallel group runs every batch (each computes its share of the
+    teacher); only the group's writer (`writer` not None) encodes and writes the signals.
+    """
     bar = tqdm(
         total=sum(s.num_tokens for s in todo),
         unit="tok",
         unit_scale=True,
-        desc=f"build rank {ranks.rank}" if ranks.world_size > 1 else "build",
+        desc=f"build group {ranks.dp_rank}" if ranks.dp_size > 1 else "build",
         disable=not cfg.progress or not ranks.is_main,
         dynamic_ncols=True,
     )
@@ -250,14 +280,21 @@ def _run(
     try:
         with torch.inference_mode():
             for shard, segs in segments_of(stream, todo):
-                out = writer.shard_writer(shard.index)
-                generator = torch.Generator(device=teacher.device).manual_seed(
-                    cfg.seed * 1_000_003 + shard.index
+                out = writer.shard_writer(shard.index) if writer is not None else None
+                # Per shard (a resumed build draws the same), per TP rank (independent draws
+                # within each rank's vocabulary slice); TP rank 0 draws as a one-rank build.
+                seed = (cfg.seed * 1_000_003 + shard.index + ranks.tp_rank * _RANK_STRIDE) % (
+                    1 << 63
                 )
+                generator = torch.Generator(device=teacher.signals_device).manual_seed(seed)
                 for b, batch in enumerate(
                     pack(segs, cfg.max_length, pad_id=pad_id, batch_tokens=cfg.batch_tokens)
                 ):
                     signals = _forward(cfg, teacher, batch, generator)
+                    bar.update(batch.num_tokens)
+                    done += batch.num_tokens
+                    if out is None:
+                        continue
                     host = to_host(signals)
                     # Bind everything by value: the main thread moves on to the next shard
                     # while this job still waits on the writer thread.
@@ -266,14 +303,35 @@ def _run(
                             records_from(host.numpy(), batch, shard=s, batch_index=b)
                         )
                     )
-                    bar.update(batch.num_tokens)
-                    done += batch.num_tokens
-                worker.submit(lambda out=out: writer.commit_shard(out))
+                if out is not None:
+                    worker.submit(lambda out=out: writer.commit_shard(out))
             worker.drain()
     finally:
         worker.close()
         bar.close()
     return done
+
+
+_RANK_STRIDE = 0x9E3779B97F4A7C15  # spreads the TP ranks' generator seeds far apart
+
+
+def _check_resumed_layout(writer: CacheWriter, cfg: BuildConfig) -> None:
+    """Refuse to resume a sampled cache under another --tp: draws depend on the vocabulary split.
+
+    Top-k, lse, tail and label log-probs are the same under any split (to float rounding), so
+    without samples any --tp or world size may resume any build.
+    """
+    old = writer.existing
+    if old is None or not cfg.samples:
+        return
+    was = int(old.build.config.get("tp", 1))
+    if was != cfg.tp and writer.committed():
+        raise ConfigError(
+            f"{cfg.out} was begun with --tp {was} and holds sampled tokens (--samples "
+            f"{cfg.samples}); the draws depend on how the vocabulary is split over ranks, so "
+            f"resuming with --tp {cfg.tp} would mix two samplings",
+            hint=f"resume with --tp {was}, or pass --overwrite to rebuild with --tp {cfg.tp}",
+        )
 
 
 def _forward(
@@ -287,9 +345,10 @@ def _forward(
     # Flat indices of real tokens, computed on the host: boolean masking on the device would sync.
     lengths = np.array([sum(row) for row in batch.seq_lens])
     flat = np.flatnonzero(np.arange(batch.input_ids.shape[1])[None, :] < lengths[:, None])
-    index = torch.from_numpy(flat).to(dev, non_blocking=True)  # (N,)
+    out = hidden.device  # with a device map: the last layer's device, not the embedding's
+    index = torch.from_numpy(flat).to(out, non_blocking=True)  # (N,)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, d)
-    labels = torch.from_numpy(batch.labels.reshape(-1)[flat]).to(dev, non_blocking=True)  # (N,)
+    labels = torch.from_numpy(batch.labels.reshape(-1)[flat]).to(out, non_blocking=True)  # (N,)
     options = SignalOptions(
         k=cfg.top_k,
         temperatures=cfg.temperatures,

@@ -25,6 +25,12 @@ class BuildConfig:
     """--dtype: teacher weights/compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."""
     device: str = "auto"
     """--device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
+    tp: int = 1
+    """--tp: tensor-parallel ranks per teacher (under torchrun; world = data-parallel groups x tp)."""
+    device_map: str | None = None
+    """--device-map: "auto" places the teacher's layers over this node's GPUs in one process."""
+    max_memory: str | None = None
+    """--max-memory: with --device-map, memory per device, e.g. "0=70GiB,1=70GiB,cpu=200GiB"."""
     attn_implementation: str | None = None
     """--attn-implementation: passed to from_pretrained (sdpa, eager, flash_attention_2, flex_attention)."""
     trust_remote_code: bool = False
@@ -99,10 +105,25 @@ class BuildConfig:
                 self.dtype in ("auto", "bfloat16", "float16", "float32"),
                 "--dtype must be auto, bfloat16, float16 or float32",
             ),
+            (self.tp >= 1, "--tp must be at least 1"),
+            (
+                self.device_map in (None, "auto"),
+                "--device-map takes 'auto' (accelerate places the layers over the GPUs)",
+            ),
+            (
+                self.tp == 1 or self.device_map is None,
+                "--tp and --device-map are two ways to split a teacher: pass one of them",
+            ),
+            (
+                self.max_memory is None or self.device_map is not None,
+                "--max-memory applies to --device-map auto: pass both",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.max_memory is not None:
+            parse_max_memory(self.max_memory)
 
     def identity(self) -> dict[str, Any]:
         """The settings saved in the manifest (storage credentials and UI switches left out)."""
@@ -113,3 +134,18 @@ class BuildConfig:
             data.pop(key)
         data["temperatures"] = list(self.temperatures)
         return data
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """ "0=70GiB,1=70GiB,cpu=200GiB" -> {0: "70GiB", 1: "70GiB", "cpu": "200GiB"} for accelerate."""
+    out: dict[int | str, str] = {}
+    for item in text.split(","):
+        device, sep, size = (x.strip() for x in item.partition("="))
+        ok_device = device.isdigit() or device in ("cpu", "disk")
+        if not sep or not ok_device or not size[:1].isdigit():
+            raise ConfigError(
+                f"--max-memory {text!r}: {item.strip()!r} is not DEVICE=SIZE",
+                hint="give GPU indices, cpu or disk with sizes, e.g. 0=70GiB,1=70GiB,cpu=200GiB",
+            )
+        out[int(device) if device.isdigit() else device] = size
+    return out

@@ -31,17 +31,22 @@ def draft_manifest(
     data: dict,
     encoding: TopkEncoding,
     skipped: BadRows,
+    parallel: dict | None = None,
 ) -> Manifest:
     """The manifest of the finished cache, minus its shards. Nothing local or secret goes in:
     where things were is recorded by `public_location`, what they were by their hashes. The
     build config also counts what --skip-bad-rows left out (outside the cache's fingerprint, like
-    all of the config: the dataset fingerprint covers the token stream that is left)."""
+    all of the config: the dataset fingerprint covers the token stream that is left). So does the
+    parallel layout (`parallel`: tp, dp, world size, device map): how the teacher was split
+    does not change what the cache holds. A quantized teacher is recorded in the
+    `teacher_quantization` extension (its weights hash already tells it from the unquantized
+    one, so a reader that does not know the field reads the cache right)."""
     tok = tokenizer_info(tokenizer)
     tok["name_or_path"] = teacher_label  # the tokenizer is always the teacher's own
     files = tuple(file_info(name, data) for name, data in sorted(tokenizer_bytes.items()))
     return Manifest(
         format=cfg.format,
-        teacher=TeacherInfo(**{**dataclasses.asdict(teacher.info), "name_or_path": teacher_label}),
+        teacher=_teacher_info(teacher, teacher_label),
         tokenizer=TokenizerInfo(**tok, files=files),
         dataset=DatasetInfo(**data),
         build=BuildSettings(
@@ -58,6 +63,7 @@ def draft_manifest(
                 **_public_config(cfg),
                 "skipped_rows": skipped.rows,
                 "skipped_files": skipped.files,
+                "parallel": parallel or {"tp": 1, "dp": 1, "world_size": 1, "device_map": None},
             },
         ),
         layout=Layout(
@@ -68,7 +74,21 @@ def draft_manifest(
             content_keys=True,
         ),
         encoding=encoding.to_json(),
+        extensions=_quantization_extension(teacher),
     )
+
+
+def _quantization_extension(teacher: Teacher) -> dict:
+    quantization = teacher.info.quantization
+    if quantization is None:
+        return {}
+    return {"teacher_quantization": {"must_understand": False, **quantization}}
+
+
+def _teacher_info(teacher: Teacher, label: str) -> TeacherInfo:
+    info = dataclasses.asdict(teacher.info)
+    info.pop("quantization")  # an extension (see draft_manifest)
+    return TeacherInfo(**{**info, "name_or_path": label})
 
 
 def encoding_for(cfg: BuildConfig, vocab_size: int) -> TopkEncoding:

@@ -20,7 +20,9 @@ model's own logits.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from cache_builder.topk import (
     teacher_signals,
     teacher_signals_from_logits,
 )
+from cache_builder.vocab_parallel import VocabSlices, vocab_parallel_signals
 from schemas.errors import KdcacheError
 
 __all__ = ["Teacher", "TeacherError", "TeacherInfo", "load_teacher", "packed_position_ids"]
@@ -70,6 +73,8 @@ class TeacherInfo:
     num_parameters: int
     dtype: str
     """The dtype the teacher runs in, e.g. "bfloat16"."""
+    quantization: dict | None = None
+    """The checkpoint's `quantization_config` (quant_method and its settings), None if none."""
 
 
 def packed_position_ids(seq_lens: Sequence[Sequence[int]], length: int) -> Tensor:
@@ -100,8 +105,13 @@ class Teacher:
     def __init__(self, model: nn.Module, info: TeacherInfo) -> None:
         self.model = model
         self.info = info
-        self.device = next(model.parameters()).device
+        embed = model.get_input_embeddings().weight
+        # Where input ids go: the embedding's device (with a device map, accelerate's hooks
+        # move them on; an embedding offloaded to disk sits on "meta" and takes them on the CPU).
+        self.device = embed.device if embed.device.type != "meta" else torch.device("cpu")
         self.dtype = next(model.parameters()).dtype
+        self.slices: VocabSlices | None = None
+        """This rank's share of a vocabulary split over tensor-parallel ranks (None: all of it)."""
         head = model.get_output_embeddings()
         if head is None or getattr(head, "weight", None) is None or head.weight.ndim != 2:
             raise TeacherError(
@@ -110,6 +120,8 @@ class Teacher:
                 f"Fix: use a causal LM checkpoint (one AutoModelForCausalLM loads with a lm_head)."
             )
         self._head = head
+        self.offload: tempfile.TemporaryDirectory | None = None
+        """The folder a device map offloads layers to, removed with the teacher."""
         self.vocab_size: int = head.weight.shape[0]
         self.plain_head: bool = type(head) is nn.Linear
         """True when the logits are `hidden @ W.T + b` (then transformed): chunked top-k applies."""
@@ -118,9 +130,38 @@ class Teacher:
         attn = str(getattr(model.config, "_attn_implementation", None) or "")
         self._varlen = "flash" in attn  # flash kernels: flatten rows, pass cu_seq_lens
 
+    @property
+    def signals_device(self) -> torch.device:
+        """Where `signals` computes (and where its generator must live): the lm_head's device."""
+        weight = self.lm_head()[0]
+        return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
     def lm_head(self) -> tuple[Tensor, Tensor | None]:
-        """(weight (V, d), bias (V,) or None) of the output head."""
-        return self._head.weight, getattr(self._head, "bias", None)
+        """(weight, bias or None) of the output head: (V, d) and (V,), or this rank's rows of
+        them when the head is split by vocabulary (`slices`)."""
+        weight, bias = self._head.weight, getattr(self._head, "bias", None)
+        if self.slices is not None:
+            weight = weight.to_local()
+            bias = None if bias is None else bias.to_local()
+        return weight, bias
+
+    def split_vocabulary(self) -> None:
+        """Walk only this rank's vocabulary slice: the lm_head is a DTensor sharded by rows."""
+        weight = self._head.weight
+        placements = getattr(weight, "placements", None)
+        name = self.info.name_or_path
+        from torch.distributed.tensor import Shard
+
+        by_rows = placements is not None and placements == (Shard(0),)
+        if not self.plain_head or not by_rows:
+            raise TeacherError(
+                f"teacher {name}: under --tp, kdcache needs the lm_head to be a linear layer "
+                f"split by vocabulary, and transformers' plan for model_type "
+                f"{self.info.model_type!r} gives {type(self._head).__name__} with placements "
+                f"{placements}. Fix: build with --device-map auto (one process over the GPUs)."
+            )
+        self.slices = VocabSlices.gather(weight.to_local().shape[0])
+        self.plain_head = True
 
     @torch.inference_mode()
     def hidden_states(
@@ -177,8 +218,22 @@ class Teacher:
         generator: torch.Generator | None = None,
     ) -> TeacherSignals:
         """Teacher signals at N positions from hidden states (N, d); labels (N,), -1 for none."""
-        if self.plain_head:
+        if self.slices is not None:
             weight, bias = self.lm_head()
+            return vocab_parallel_signals(
+                hidden,
+                weight,
+                bias,
+                labels,
+                options,
+                self.slices,
+                generator=generator,
+                logit_transform=self.logit_transform,
+            )
+        weight, bias = self.lm_head()
+        if self.plain_head and weight.device.type != "meta":
+            # With a device map the head may sit on another GPU than the last layer.
+            hidden, labels = hidden.to(weight.device), labels.to(weight.device)
             return teacher_signals(
                 hidden,
                 weight,
@@ -189,15 +244,11 @@ class Teacher:
                 logit_transform=self.logit_transform,
             )
         step = options.row_chunk
-        parts = [
-            teacher_signals_from_logits(
-                self.logits(hidden[r0 : r0 + step]),
-                labels[r0 : r0 + step],
-                options,
-                generator=generator,
-            )
-            for r0 in range(0, hidden.shape[0], step)
-        ]
+        parts = []
+        for r0 in range(0, hidden.shape[0], step):
+            z = self.logits(hidden[r0 : r0 + step])
+            lab = labels[r0 : r0 + step].to(z.device)
+            parts.append(teacher_signals_from_logits(z, lab, options, generator=generator))
         return TeacherSignals.cat(parts)
 
     def check(self) -> None:
@@ -246,23 +297,34 @@ def load_teacher(
     device: str | torch.device = "auto",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    tp: int = 1,
+    device_map: str | None = None,
+    max_memory: dict[int | str, str] | None = None,
 ) -> Teacher:
     """Load a causal LM teacher from a local directory or a Hugging Face id, ready for `build`.
 
     dtype "auto": bfloat16 on CUDA, float32 on CPU. device "auto": the current CUDA device if
     there is one, else the CPU. Raises `TeacherError` with the fix when the path is not a model
     or the model needs `trust_remote_code`. Runs `Teacher.check()` before returning.
+
+    `tp` > 1 (every rank of a tensor-parallel group calls this, the default process group being
+    the group): transformers' own tensor parallelism splits the layers, and the lm_head by
+    vocabulary, over the group. `device_map` ("auto", with `max_memory` per device): one process,
+    layers placed over the GPUs (then CPU, then a temporary offload folder) by accelerate.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import is_accelerate_available
 
     name = os.fspath(name_or_path)
     local = _local_model_dir(name)
     source = str(local) if local is not None else name
     dev = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
+    if tp > 1 or device_map is not None:
+        _require_accelerate("--tp" if tp > 1 else "--device-map")
     try:
-        AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            source, revision=revision, trust_remote_code=trust_remote_code
+        )
     except ValueError as e:
         _raise_if_remote_code(name, e)
         raise TeacherError(
@@ -274,8 +336,17 @@ def load_teacher(
             f"on the hub or in the local cache ({e}). Fix: check the name and revision; offline "
             f"(HF_HUB_OFFLINE=1), download it first with `hf download {name}`."
         ) from e
-    kwargs = {}
-    if dev.type != "cpu" and is_accelerate_available():
+    kwargs: dict = {}
+    offload = None
+    if tp > 1:
+        _check_tp_shapes(name, config, tp)
+        from transformers.distributed import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(tp_size=tp)
+    elif device_map is not None:
+        offload = tempfile.TemporaryDirectory(prefix="kdcache-offload-")
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload.name)
+    elif dev.type != "cpu" and _accelerate_available():
         kwargs["device_map"] = {"": dev}  # load straight onto the device
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -293,6 +364,13 @@ def load_teacher(
         ) from e
     except ValueError as e:
         _raise_if_remote_code(name, e)
+        if "tp_plan" in str(e):
+            raise TeacherError(
+                f"teacher {name}: transformers has no tensor-parallel plan for model_type "
+                f"{config.model_type!r} ({type(config).__name__} has no base_model_tp_plan), so "
+                f"--tp cannot split it. Fix: build with --device-map auto (one process, layers "
+                f"over the GPUs), or with --tp 1 if it fits one device."
+            ) from e
         if "attention implementation" in str(e):
             raise TeacherError(
                 f"teacher {name}: attn_implementation={attn_implementation!r} is not supported "
@@ -303,7 +381,9 @@ def load_teacher(
             f"teacher {name}: not a causal language model that transformers can load "
             f"({str(e).splitlines()[0]}). Fix: use a decoder-only (AutoModelForCausalLM) checkpoint."
         ) from e
-    model = model.to(dev).eval().requires_grad_(False)
+    if tp == 1 and device_map is None:
+        model = model.to(dev)
+    model = model.eval().requires_grad_(False)
     info = TeacherInfo(
         name_or_path=name,
         revision=revision,
@@ -313,10 +393,54 @@ def load_teacher(
         model_type=str(model.config.model_type),
         num_parameters=sum(p.numel() for p in model.parameters()),
         dtype=str(torch_dtype).removeprefix("torch."),
+        quantization=_quantization(model.config),
     )
     teacher = Teacher(model, info)
+    teacher.offload = offload  # removed with the teacher
+    if tp > 1:
+        teacher.split_vocabulary()
     teacher.check()
     return teacher
+
+
+def _accelerate_available() -> bool:
+    from transformers.utils import is_accelerate_available
+
+    return is_accelerate_available()
+
+
+def _require_accelerate(option: str) -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError as e:
+        raise TeacherError(
+            f"{option} loads the teacher through accelerate, which cannot be imported ({e}). "
+            f"Fix: pip install 'accelerate>=1.0' (kdcache depends on it: reinstall kdcache)."
+        ) from e
+
+
+def _check_tp_shapes(name: str, config: object, tp: int) -> None:
+    """Refuse a split transformers' plan cannot make: attention heads shard by head."""
+    get_text = getattr(config, "get_text_config", None)
+    cfg = get_text() if callable(get_text) else config
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    for what, count in (("attention heads", heads), ("key/value heads", kv_heads)):
+        if isinstance(count, int) and count % tp:
+            raise TeacherError(
+                f"teacher {name}: its {count} {what} do not split over --tp {tp}: tensor "
+                f"parallelism gives each rank whole heads. Fix: a --tp that divides {count}, "
+                f"or --device-map auto."
+            )
+
+
+def _quantization(config: object) -> dict | None:
+    """The checkpoint's quantization settings as plain JSON, for the manifest."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    data = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
+    return json.loads(json.dumps(data, default=str, sort_keys=True))
 
 
 def _raise_if_remote_code(name: str, error: ValueError) -> None:

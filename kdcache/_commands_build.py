@@ -53,6 +53,27 @@ def _floats(text: str | None) -> tuple[float, ...]:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option(
+    "--tp",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Split the teacher over N ranks with transformers' tensor parallelism (layers by head, "
+    "lm_head by vocabulary). Run under torchrun with a multiple of N processes: world = "
+    "data-parallel groups x N. NCCL between GPUs, gloo on CPU.",
+)
+@click.option(
+    "--device-map",
+    type=click.Choice(["auto"]),
+    help="One process, the teacher's layers placed over this node's GPUs (then CPU, then "
+    "disk) by accelerate. The simplest way to fit a big teacher, but it runs one GPU at a "
+    "time: --tp runs them all at once.",
+)
+@click.option(
+    "--max-memory",
+    metavar="DEV=SIZE,...",
+    help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.",
+)
+@click.option(
     "--attn-implementation",
     help="sdpa, eager, flash_attention_2, flex_attention (default: the model's).",
 )
@@ -163,6 +184,8 @@ def build(**opts: Any) -> None:
     runs, the build holds a lock on --out (lock.json): a second build there refuses at once.
     Under torchrun, every rank writes its own shards:
       torchrun --nproc_per_node 8 -m kdcache build --teacher ... --dataset ... --out s3://...
+    A teacher larger than one GPU is split over ranks with --tp (8 GPUs, one 70B teacher):
+      torchrun --nproc_per_node 8 -m kdcache build --teacher meta-llama/Llama-3.3-70B --tp 8 ...
 
     \b
     Example:
