@@ -23,10 +23,11 @@ from cache_builder.config import BuildConfig, parse_max_memory
 from cache_builder.data import PackedBatch, Segment, load_rows, pack, segments, tokenize_rows
 from cache_builder.distributed import Ranks
 from cache_builder.draft import draft_manifest, encoding_for, tokenizer_files
+from cache_builder.loading import load_teacher
 from cache_builder.pipeline import WriterThread, records_from, to_host
 from cache_builder.plan import BuildPlan, ShardPlan, make_plan, segments_of
 from cache_builder.rows import BadRows
-from cache_builder.teacher import Teacher, load_teacher
+from cache_builder.teacher import Teacher
 from cache_builder.tokenizer import load_tokenizer
 from cache_builder.topk import SignalOptions, TeacherSignals
 from schemas.cache import COMMITS, TOKENIZER_DIR
@@ -147,6 +148,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             tp=cfg.tp,
             device_map=cfg.device_map,
             max_memory=parse_max_memory(cfg.max_memory) if cfg.max_memory else None,
+            hash_weights=ranks.is_writer,  # only a group's writer opens the cache
         )
         encoding = encoding_for(cfg, teacher.vocab_size)
         tokenizer_bytes = tokenizer_files(tokenizer)

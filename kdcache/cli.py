@@ -12,6 +12,7 @@ derivations are defined beside it (`kdcache._commands_*`) and registered here.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -21,6 +22,12 @@ from kdcache._commands_build import build
 from kdcache._commands_derive import merge, split, subset
 from kdcache._commands_train import train
 from kdcache._options import cache_url, friendly_errors, parse_storage_options, storage_option
+
+# transformers imports every installed quantization backend when it loads a model; torchao then
+# warns on a machine without its GPU kernels, and torch that torchao registers enums the old
+# way. Neither is about the user's command, so the command's own output is not drowned in them.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -72,12 +79,19 @@ def inspect(cache: str, as_json: bool, sample_tokens: int, storage_option: tuple
     click.echo(_format_inspect(info))
 
 
+def _quantized(quantization: dict[str, Any] | None) -> str:
+    if not quantization:
+        return ""
+    return f"  quantization: {quantization.get('quant_method', 'unknown')}"
+
+
 def _format_inspect(info: dict[str, Any]) -> str:
     bpt = info["bytes_per_token"]
     enc = info["encoding"]
     lines = [
         f"cache        {info['url']}  ({info['status']}, schema {info['schema_version']}, {info['format']}, by {info['created_by']})",
-        f"teacher      {info['teacher']['name_or_path']}  ({info['teacher'].get('model_type')}, {info['teacher'].get('dtype')})",
+        f"teacher      {info['teacher']['name_or_path']}  ({info['teacher'].get('model_type')}, {info['teacher'].get('dtype')})"
+        + _quantized(info["teacher"].get("quantization")),
         f"tokenizer    {info['tokenizer']['name_or_path']}  vocab {info['tokenizer']['vocab_size']}  {info['tokenizer']['fingerprint'][:19]}",
         f"dataset      {info['dataset']['source']}  split {info['dataset'].get('split')}  {info['dataset']['num_documents']} documents",
         f"top-k        k={info['k']} of V={info['vocab_size']}  ids {enc.get('ids')}  values {enc.get('values')}"

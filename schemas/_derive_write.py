@@ -156,6 +156,8 @@ def _draft(
         ),
         options=options,
     )
+    # The sources share one teacher (merge checks it), so its quantization record carries over.
+    kept = {k: v for k, v in sources[0].manifest.extensions.items() if k == "teacher_quantization"}
     return dataclasses.replace(
-        sources[0].manifest, dataset=dataset, derived=derived, fidelity=None, extensions={}
+        sources[0].manifest, dataset=dataset, derived=derived, fidelity=None, extensions=kept
     )

@@ -15,6 +15,13 @@ import numpy as np
 from schemas.cache import Cache
 
 
+def _quantization(block: object) -> dict[str, Any] | None:
+    """The `teacher_quantization` extension without its marker, or None for an unquantized teacher."""
+    if not isinstance(block, dict):
+        return None
+    return {k: v for k, v in block.items() if k != "must_understand"}
+
+
 def describe(cache: Cache, *, sample_tokens: int = 20_000, seed: int = 0) -> dict[str, Any]:
     """A JSON-ready summary of `cache`: the manifest's facts and its fidelity block (or, for a
     1.x cache, teacher statistics from a sample of tokens)."""
@@ -27,7 +34,10 @@ def describe(cache: Cache, *, sample_tokens: int = 20_000, seed: int = 0) -> dic
         "schema_version": m.schema_version,
         "created_by": m.created_by,
         "format": m.format,
-        "teacher": dataclasses.asdict(m.teacher),
+        "teacher": {
+            **dataclasses.asdict(m.teacher),
+            "quantization": _quantization(m.extensions.get("teacher_quantization")),
+        },
         "tokenizer": dataclasses.asdict(m.tokenizer),
         "dataset": dataclasses.asdict(m.dataset),
         "k": m.layout.k,

@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_builder.teacher import (
-    Teacher,
-    TeacherError,
-    load_teacher,
-    packed_position_ids,
-)
+from cache_builder.loading import load_teacher
+from cache_builder.teacher import Teacher, TeacherError, packed_position_ids
 from cache_builder.topk import SignalOptions, TeacherSignals, teacher_signals_from_logits
 from tests.fixtures.models import make_tokenizer, save_tiny_model
 
