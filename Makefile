@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on disk here; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-long bench bench-quality lint format clean
+.PHONY: demo test test-long bench bench-quality bench-tp lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(BIN)/python -m bench.quality
+
+# kdcache build --tp 2 under torchrun against the one-process build (bench/tp.py).
+bench-tp: $(STAMP)
+	$(BIN)/python -m bench.tp
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
