@@ -215,7 +215,7 @@ def run_case(kind: str, paths: dict[str, str], size: dict[str, Any], device_name
 
     from student_trainer.losses import LOSSES
     from student_trainer.losses._student import ChunkedStudent
-    from student_trainer.objective import objective_for
+    from student_trainer.objective import LossSettings, objective_for
     from student_trainer.student import HiddenAndHead
 
     config = TrainConfig(cache="", out="")
@@ -258,7 +258,9 @@ def run_case(kind: str, paths: dict[str, str], size: dict[str, Any], device_name
                 student = ChunkedStudent(h, weight, bias, vocab_chunk=VOCAB_CHUNK)
                 return LOSSES["fkl"].fn(student, teacher)
             # exactly the trainer's objective (row blocks for per-token losses)
-            objective = objective_for(LOSSES[kind], {}, config, teacher, {}, bf16=cuda)
+            objective = objective_for(
+                LOSSES[kind], {}, LossSettings.of(config), teacher, {}, bf16=cuda
+            )
             return net(inputs.input_ids, inputs.attention_mask, inputs.rows, objective)
 
     def step() -> float:

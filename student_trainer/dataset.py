@@ -97,8 +97,13 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         skip_bad_shards: bool = False,
         storage_options: dict | None = None,
+        batch_tokens: int | None = None,
     ) -> None:
         self.url, self.seed, self.shuffle = url, seed, shuffle
+        self.batch_tokens = batch_tokens
+        """Yield micro-batches (lists of sequences) of about this many tokens; None: sequences."""
+        self._yielded = 0  # items handed out in this pass (sequences or micro-batches)
+        self._skip = 0  # items to pass over at the start of the next pass (a resume)
         self.buffer_sequences = buffer_sequences
         self.rank, self.world_size = rank, world_size
         self.skip_bad_shards = skip_bad_shards
@@ -119,7 +124,33 @@ class ShardStream(IterableDataset):
         slots, slot = self.world_size * workers, self.rank * workers + wid
         return [int(i) for i in order[slot::slots]]
 
-    def __iter__(self) -> Iterator[Sequence | SkippedShard]:
+    def state_dict(self) -> dict[str, int]:
+        """Where this pass stands, as counted in the process that iterates this object.
+
+        With DataLoader workers each worker holds its own copy, so resume by replaying the
+        loader's batches instead (as Hugging Face Trainer does); the stream is deterministic.
+        """
+        return {"seed": self.seed, "epoch": self.epoch, "position": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume: the next pass starts at `state`'s epoch, after its first `position` items."""
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"the state is of seed {state['seed']}, this dataset's is {self.seed}")
+        self.epoch, self._skip = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self) -> Iterator[Sequence | list[Sequence] | SkippedShard]:
+        items = self._epoch()
+        if self.batch_tokens:
+            items = _grouped(items, self.batch_tokens)
+        skip, self._skip, self._yielded = self._skip, 0, 0
+        for item in items:
+            if not isinstance(item, SkippedShard):
+                self._yielded += 1
+                if self._yielded <= skip:
+                    continue
+            yield item
+
+    def _epoch(self) -> Iterator[Sequence | SkippedShard]:
         cache = self.cache()
         worker = get_worker_info()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker.id if worker else 0])
@@ -190,6 +221,25 @@ def _sequences(records: ShardRecords) -> Iterator[Sequence]:
         lo, hi = int(offsets[s]), int(offsets[s + 1])
         if hi - lo >= 2:  # a one-token sequence has no next token to learn
             yield Sequence({name: v[lo:hi] for name, v in arrays.items()})
+
+
+def _grouped(
+    items: Iterator[Sequence | SkippedShard], batch_tokens: int
+) -> Iterator[list[Sequence] | SkippedShard]:
+    """`batches` of the sequences among `items`; the `SkippedShard` marks pass through."""
+    held: list[Sequence] = []
+    tokens = 0
+    for item in items:
+        if isinstance(item, SkippedShard):
+            yield item
+            continue
+        if held and tokens + len(item) > batch_tokens:
+            yield held
+            held, tokens = [], 0
+        held.append(item)
+        tokens += len(item)
+    if held:
+        yield held
 
 
 def batches(sequences: Iterator[Sequence], batch_tokens: int) -> Iterator[list[Sequence]]:

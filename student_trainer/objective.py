@@ -9,6 +9,7 @@ vocabulary-chunked `ChunkedStudent`. `loss_of` adds the trainer's CE and z-loss 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,13 +23,39 @@ from student_trainer.losses._student import ChunkedStudent, DenseStudent, Studen
 from student_trainer.losses.zloss import cross_entropy, z_loss
 from student_trainer.student import Objective
 
-__all__ = ["loss_of", "objective_for"]
+__all__ = ["LossSettings", "loss_of", "objective_for"]
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the loss takes from a run's settings, beside the loss's own options."""
+
+    temperature: float | None = None
+    """Distillation temperature (None: the loss's own default)."""
+    ce_weight: float = 0.0
+    """Weight of an added next-token cross-entropy term."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss on the student's log-sum-exp."""
+    vocab_chunk: int = 8192
+    """Vocabulary columns per step of the chunked student (losses that pool rows)."""
+    logit_block: int = 1 << 24
+    """Logits per row block of the per-token losses (rows = logit_block // V)."""
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> LossSettings:
+        return cls(
+            temperature=cfg.temperature,
+            ce_weight=cfg.ce_weight,
+            z_loss=cfg.z_loss,
+            vocab_chunk=cfg.vocab_chunk,
+            logit_block=cfg.logit_block,
+        )
 
 
 def objective_for(
     spec: LossSpec,
     options: dict[str, Any],
-    cfg: TrainConfig,
+    cfg: LossSettings,
     teacher: TeacherBatch,
     stats: dict[str, torch.Tensor],
     bf16: bool = False,
@@ -73,7 +100,7 @@ def objective_for(
 def loss_of(
     spec: LossSpec,
     options: dict[str, Any],
-    cfg: TrainConfig,
+    cfg: LossSettings,
     student: StudentLogits,
     teacher: TeacherBatch,
     aux_student: StudentLogits | None,

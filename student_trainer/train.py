@@ -51,7 +51,7 @@ from student_trainer.losses._student import ChunkedStudent
 from student_trainer.losses.kl import fkl_tail
 from student_trainer.losses.zloss import cross_entropy
 from student_trainer.metrics import RESULT, MetricLog, TrainResult
-from student_trainer.objective import objective_for
+from student_trainer.objective import LossSettings, objective_for
 from student_trainer.parallel import clip_grad_norm, fsdp_units, student_weights
 from student_trainer.parallel import wrap as wrap_for_ranks
 from student_trainer.student import HiddenAndHead, load_student
@@ -125,6 +125,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         optimizer, _warmup_cosine(cfg.warmup_steps, total_steps)
     )
 
+    loss_settings = LossSettings.of(cfg)
     progress = Progress()
     if saved is not None:
         progress = restore(saved, net, optimizer, schedule)
@@ -166,7 +167,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             inputs, teacher = next(micro_batches)
             inputs, teacher = inputs.to(device), teacher.to(device)
             stats: dict[str, torch.Tensor] = {}
-            objective = objective_for(spec, options, cfg, teacher, stats, bf16)
+            objective = objective_for(spec, options, loss_settings, teacher, stats, bf16)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = wrapped(inputs.input_ids, inputs.attention_mask, inputs.rows, objective)
             loss = loss / cfg.grad_accum
