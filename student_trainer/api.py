@@ -29,6 +29,7 @@ A plain PyTorch loop (examples/plain_loop.py runs it):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -73,10 +74,15 @@ def cache_dataset(
     `batch_tokens`: yield micro-batches (lists of sequences of about that many tokens) for a
     `DataLoader(batch_size=None, collate_fn=KDCollator(cache))`; None yields single sequences
     for a DataLoader that batches by count. `state_dict()`/`load_state_dict()` resume a pass.
+    Rank and world size come from torch.distributed, or torchrun's environment before the
+    process group exists.
     """
     if dist.is_available() and dist.is_initialized():
         rank = dist.get_rank() if rank is None else rank
         world_size = dist.get_world_size() if world_size is None else world_size
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun, before the group exists
+        rank = int(os.environ["RANK"]) if rank is None else rank
+        world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
     return ShardStream(
         url,
         seed=seed,

@@ -124,6 +124,10 @@ class ShardStream(IterableDataset):
         slots, slot = self.world_size * workers, self.rank * workers + wid
         return [int(i) for i in order[slot::slots]]
 
+    def set_epoch(self, epoch: int) -> None:
+        """What Hugging Face Trainer calls before each epoch (as `self.epoch = epoch`)."""
+        self.epoch = epoch
+
     def state_dict(self) -> dict[str, int]:
         """Where this pass stands, as counted in the process that iterates this object.
 

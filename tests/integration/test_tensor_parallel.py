@@ -23,7 +23,7 @@ import pytest
 
 from schemas import open_cache
 from schemas.validate import validate_cache
-from tests.fixtures.cli import ENV, kdcache, one_line_error
+from tests.fixtures.cli import ENV, free_port, kdcache, one_line_error
 from tests.fixtures.models import make_tiny_llama, make_tokenizer, save_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -38,14 +38,6 @@ TOLERANCE = 2e-5
 """Max |difference| of log-probs, lse and tails between a TP and a one-process build (nats)."""
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
