@@ -20,6 +20,7 @@ import click
 
 from kdcache._commands_build import build
 from kdcache._commands_derive import merge, split, subset
+from kdcache._commands_export import export
 from kdcache._commands_train import train
 from kdcache._options import cache_url, friendly_errors, parse_storage_options, storage_option
 
@@ -44,6 +45,7 @@ def main() -> None:
       kdcache split CACHE --val-fraction F --out-train A --out-val B
                                                                    train/val by whole documents
       kdcache subset CACHE --max-tokens N --out CACHE              its first sequences, <= N tokens
+      kdcache export CACHE --to parquet|axolotl OUT                for tools without kdcache
       kdcache demo                                                 both stages on the embedded default
 
     CACHE is a local directory or an fsspec URL (s3://..., gs://..., memory://...).
@@ -166,3 +168,4 @@ main.add_command(train)
 main.add_command(merge)
 main.add_command(split)
 main.add_command(subset)
+main.add_command(export)
