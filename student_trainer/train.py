@@ -1,7 +1,10 @@
 """`train(cfg)`: stream a cache into student training.
 
-cache shards -> ShardStream -> batches -> collate -> student hidden states (N, d)
+cache shards -> cache_dataset -> batches -> KDCollator -> student hidden states (N, d)
 -> loss(student logits, TeacherBatch) [+ CE, z-loss] -> AdamW step
+
+The data path and the loss are the public API's (`student_trainer.api`): a team distilling in
+its own trainer runs the code this loop runs.
 
 Per-token losses see dense logits of blocks of rows (`row_blocked_loss`), the others the
 vocabulary-chunked `ChunkedStudent`; neither holds [N, V] logits.
@@ -34,7 +37,8 @@ from tqdm.auto import tqdm
 from schemas.cache import Cache, open_cache
 from schemas.errors import ConfigError, IncompatibleCacheError
 from schemas.validate import check_manifest
-from student_trainer.batch import StudentInputs, TeacherBatch, collate
+from student_trainer.api import KDCollator, cache_dataset
+from student_trainer.batch import StudentInputs, TeacherBatch
 from student_trainer.checkpoint import (
     CHECKPOINT,
     Progress,
@@ -107,7 +111,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if units := fsdp_units(net):
         say(f"FSDP over {world} ranks in {units} units: each decoder layer, then the rest")
 
-    stream = ShardStream(
+    stream = cache_dataset(
         cfg.cache,
         seed=cfg.seed,
         buffer_sequences=cfg.shuffle_buffer,
@@ -252,7 +256,7 @@ def _micro_batches(
 ) -> Iterator[tuple[StudentInputs, TeacherBatch]]:
     """Endless micro-batches, epoch after epoch; resumes at `progress.micro` by replaying the
     deterministic stream (exact, at the cost of re-reading what was already consumed)."""
-    layout = cache.layout
+    collator = KDCollator(cache)
     skip = progress.micro
     for epoch in itertools.count(progress.epoch if not skip else 0):
         stream.epoch = epoch
@@ -266,12 +270,7 @@ def _micro_batches(
                 skip -= 1
                 continue
             progress.epoch = epoch
-            yield collate(
-                group,
-                layout.vocab_size,
-                layout.temperatures,
-                cache.manifest.build.sample_temperature,
-            )
+            yield _split(collator(group))
         if not produced:
             raise IncompatibleCacheError(
                 f"{cache.url} yields no training sequences (all shorter than 2 tokens or skipped)"
@@ -288,12 +287,20 @@ def evaluate(
     Every rank evaluates the same batches: under FSDP each forward is a collective."""
     assert cfg.eval_cache is not None
     cache = open_cache(cfg.eval_cache, require_complete=True, **cfg.storage_options)
-    stream = ShardStream(cfg.eval_cache, shuffle=False, storage_options=cfg.storage_options)
+    stream = cache_dataset(
+        cfg.eval_cache,
+        shuffle=False,
+        batch_tokens=cfg.batch_tokens,
+        rank=0,
+        world_size=1,  # every rank evaluates every batch
+        storage_options=cfg.storage_options,
+    )
+    collator = KDCollator(cache)
     was_training = net.training
     net.eval()
     totals = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "n": 0}
-    for group in batches(iter(stream), cfg.batch_tokens):
-        inputs, teacher = collate(group, cache.layout.vocab_size)
+    for group in stream:
+        inputs, teacher = _split(collator(group))
         inputs, teacher = inputs.to(device), teacher.to(device)
 
         def measures(h, weight, bias, aux, teacher=teacher):
@@ -317,6 +324,12 @@ def evaluate(
         "eval_kl_topk": totals["kl"] / n,
         "eval_top1_agreement": totals["agree"] / n,
     }
+
+
+def _split(batch: dict[str, Any]) -> tuple[StudentInputs, TeacherBatch]:
+    """The collator's batch as the student's inputs and the teacher's rows."""
+    inputs = StudentInputs(batch["input_ids"], batch["attention_mask"], batch["kd_rows"])
+    return inputs, batch["kd_teacher"]
 
 
 def _loss_spec(name: str) -> LossSpec:
