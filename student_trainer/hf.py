@@ -60,6 +60,10 @@ class KDTrainer(Trainer):
         self._kd_terms: dict[str, list[float]] = {}
         self.kd_losses: list[float] = []
         """The loss of every micro-batch, in order (before the Trainer's scaling)."""
+        # The loss is a mean over each micro-batch's positions, as `kdcache train` takes it: the
+        # Trainer divides it by the accumulation steps (it would not for a model's own loss
+        # normalised by the whole step's token count).
+        self.loss_is_scaled_for_ga = False
 
     def get_train_dataloader(self) -> DataLoader:
         """The stream's own micro-batches, collated: the dataset already splits the cache over

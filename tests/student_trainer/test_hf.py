@@ -32,43 +32,77 @@ def cache_url(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) ->
     return str(root / "cache")
 
 
-def test_kdtrainer_matches_kdcache_train_step_by_step(cache_url, tmp_path):
+def fresh_student(student_config: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**json.loads(student_config.read_text()))
+    torch.manual_seed(SEED)  # as kdcache train seeds a fresh student
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def kd_trainer(model, cache_url: str, out: Path, steps: int, **args) -> KDTrainer:
+    """A KDTrainer set up as `kdcache train` runs by default: AdamW with its weight decay, its
+    warm-up and cosine schedule, clipping at 1."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(20, steps))
+    settings = dict(
+        output_dir=str(out), max_steps=steps, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, seed=SEED, max_grad_norm=1.0, disable_tqdm=True,
+    )  # fmt: skip
+    return KDTrainer(
+        model=model,
+        args=kd_training_arguments(**{**settings, **args}),
+        kd_loss="fkl-tail",
+        train_dataset=cache_dataset(cache_url, seed=SEED, batch_tokens=BATCH),
+        data_collator=KDCollator(open_cache(cache_url)),
+        optimizers=(optimizer, schedule),
+    )
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_kdtrainer_matches_kdcache_train_step_by_step(cache_url, tmp_path, accumulate):
     student = tiny_student_config(tmp_path)
     out = tmp_path / "run"
     train(  # kdcache train's own loop, logging every step
         TrainConfig(
             cache=cache_url, student_config=str(student), out=str(out), loss="fkl-tail",
             max_steps=STEPS, batch_tokens=BATCH, seed=SEED, lr=LR, log_every=1, progress=False,
+            grad_accum=accumulate,
         )
     )  # fmt: skip
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     expected = [row["loss"] for row in logged if "loss" in row]
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(**json.loads(student.read_text()))
-    torch.manual_seed(SEED)  # as kdcache train seeds a fresh student
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)  # its defaults
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(20, STEPS))
-    args = kd_training_arguments(
-        output_dir=str(tmp_path / "hf"), max_steps=STEPS, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, seed=SEED, max_grad_norm=1.0, disable_tqdm=True,
+    trainer = kd_trainer(
+        fresh_student(student), cache_url, tmp_path / "hf", STEPS,
+        gradient_accumulation_steps=accumulate,
     )  # fmt: skip
-    trainer = KDTrainer(
-        model=model,
-        args=args,
-        kd_loss="fkl-tail",
-        train_dataset=cache_dataset(cache_url, seed=SEED, batch_tokens=BATCH),
-        data_collator=KDCollator(open_cache(cache_url)),
-        optimizers=(optimizer, schedule),
-    )
     trainer.train()
+    micro = trainer.kd_losses
+    per_step = [
+        sum(micro[i : i + accumulate]) / accumulate for i in range(0, len(micro), accumulate)
+    ]
     assert len(expected) == STEPS
-    assert trainer.kd_losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert per_step == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert expected[-1] < expected[0]  # it trained: the comparison is not of a constant
     logs = [e for e in trainer.state.log_history if "kd_loss" in e]
     assert len(logs) == STEPS and logs[0]["kd_loss"] == pytest.approx(expected[0], rel=1e-5)
+
+
+def test_kdtrainer_resumes_at_the_same_place_in_the_cache(cache_url, tmp_path):
+    """Trainer's checkpoint and resume: steps 4-6 of a resumed run are those of an unbroken one
+    (weights, optimizer, schedule, and the data position, which the Trainer replays)."""
+    student = tiny_student_config(tmp_path)
+    whole = kd_trainer(fresh_student(student), cache_url, tmp_path / "a", 6)
+    whole.train()
+    broken = kd_trainer(
+        fresh_student(student), cache_url, tmp_path / "b", 6, save_strategy="steps", save_steps=3
+    )
+    broken.train()
+    resumed = kd_trainer(fresh_student(student), cache_url, tmp_path / "b", 6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    assert len(resumed.kd_losses) == 3
+    assert resumed.kd_losses == pytest.approx(whole.kd_losses[3:], rel=1e-5, abs=1e-6)
 
 
 def run_example(cmd: list[str]) -> list[float]:
