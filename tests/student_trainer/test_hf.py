@@ -126,3 +126,14 @@ def test_trainer_example_under_torchrun(cache_url, tmp_path):
     cmd += ["--master-port", str(free_port()), str(ROOT / "examples" / "hf_trainer.py")]
     losses = run_example([*cmd, cache_url, str(tmp_path), "--steps", "10", "--batch-tokens", "512"])
     assert len(losses) == 2 and all(x == x for x in losses)  # rank 0 prints the log
+
+
+def test_kdtrainer_under_bf16_autocast(cache_url, tmp_path):
+    """The Trainer's bf16 (CPU autocast here): the student's body runs in bf16, the loss in
+    float32 as `kdcache train` takes it, and training moves."""
+    trainer = kd_trainer(
+        fresh_student(tiny_student_config(tmp_path)), cache_url, tmp_path / "bf16", 4, bf16=True
+    )
+    trainer.train()
+    losses = trainer.kd_losses
+    assert len(losses) == 4 and all(x == x for x in losses) and losses[-1] < losses[0]
