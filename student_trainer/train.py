@@ -354,6 +354,14 @@ def _check_cache_fits(spec: LossSpec, cfg: TrainConfig, cache: Cache) -> None:
             f"loss {cfg.loss} needs sampled tokens, but {cache.url} was built without them",
             hint="rebuild the cache with `kdcache build --samples 50` (or another N)",
         )
+    drawn_at = cache.manifest.build.sample_temperature
+    if spec.needs_samples and spec.sample_temperature not in (None, drawn_at):
+        raise IncompatibleCacheError(
+            f"loss {cfg.loss} needs samples drawn at temperature {spec.sample_temperature:g}, "
+            f"and {cache.url} drew them at {drawn_at:g}",
+            hint=f"rebuild the cache with --sample-temperature {spec.sample_temperature:g}, "
+            "or use rskd, which reweights its draws",
+        )
 
 
 def _warmup_cosine(warmup: int, total: int):

@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.errors import ConfigError
-from student_trainer.losses import bild, csd, dkd, dual_head, gld, kl, pld, sampled, zloss
+from student_trainer.losses import bild, csd, dkd, dual_head, gld, hybrid, kl, pld, sampled, zloss
 from student_trainer.losses._registry import LossFn, LossSpec
 
 LOSSES: dict[str, LossSpec] = {
     **kl.SPECS,
     **sampled.SPECS,
+    **hybrid.SPECS,
     **bild.SPECS,
     **csd.SPECS,
     **pld.SPECS,

@@ -25,6 +25,8 @@ class LossSpec:
     """One line for `kdcache train --help`, including where the cache makes it approximate."""
     needs_samples: bool = False
     """True when the loss reads sampled ids (a cache built with `--samples N`)."""
+    sample_temperature: float | None = None
+    """The temperature the samples must have been drawn at (None: any)."""
     aux_head: bool = False
     """True when the loss trains a second lm_head passed as `aux_student=`."""
     per_token: bool = True
