@@ -91,7 +91,15 @@ class _LazyChoice(click.Choice):
     help="Weight of next-token cross-entropy mixed in.",
 )
 @click.option(
-    "--temperature", type=float, help="Distillation temperature (default: the loss's own)."
+    "--temperature",
+    type=float,
+    help="Distillation temperature (default: the loss's own). Tail terms are exact at a T the "
+    "build stored (kdcache build --temperatures T), approximate elsewhere (a warning says so).",
+)
+@click.option(
+    "--strict-temperature",
+    is_flag=True,
+    help="Refuse a temperature the cache stored no log-sum-exp for, instead of warning.",
 )
 @click.option(
     "--z-loss", default=0.0, show_default=True, help="PaLM z-loss coefficient (e.g. 1e-4)."

@@ -70,6 +70,9 @@ class TrainConfig:
     """--ce-weight: weight of next-token cross-entropy mixed into the loss."""
     temperature: float | None = field(default=None, metadata=MUST_MATCH)
     """--temperature: distillation temperature (default: the loss's own; exact tails at T != 1 need it stored at build time with --temperatures)."""
+    strict_temperature: bool = field(default=False, metadata=MAY_CHANGE)
+    """--strict-temperature: refuse a temperature whose teacher lse the cache did not store
+    (its tail terms would be approximate) instead of warning once."""
     z_loss: float = field(default=0.0, metadata=MUST_MATCH)
     """--z-loss: coefficient of the PaLM z-loss c * lse^2 (0 disables)."""
     lr: float = field(default=1e-3, metadata=MUST_MATCH)

@@ -85,6 +85,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         eval_cache = open_cache(cfg.eval_cache, require_complete=True, **cfg.storage_options)
         check_manifest(eval_cache, "--eval-cache")
     _check_cache_fits(spec, cfg, cache)
+    _check_temperature(spec, options, cfg, cache, say)
     if len(cache.shards) < world:  # a rank without shards would leave the others waiting
         raise IncompatibleCacheError(
             f"{cache.url} has {len(cache.shards)} shards for {world} ranks; each rank reads whole shards",
@@ -362,6 +363,30 @@ def _check_cache_fits(spec: LossSpec, cfg: TrainConfig, cache: Cache) -> None:
             hint=f"rebuild the cache with --sample-temperature {spec.sample_temperature:g}, "
             "or use rskd, which reweights its draws",
         )
+
+
+def _check_temperature(
+    spec: LossSpec, options: dict[str, Any], cfg: TrainConfig, cache: Cache, say
+) -> None:
+    """Say once (or, with --strict-temperature, refuse) when the loss's tail terms need the
+    teacher's lse at a temperature the cache did not store: they are then approximate (the
+    teacher's tail tempered as one token), and the error can be large (rkl at k=12, T=2: x3)."""
+    if not spec.tail_at_temperature:
+        return
+    t = options.get("temperature", cfg.temperature)
+    t = float(spec.options.get("temperature", 1.0) if t is None else t)
+    stored = cache.layout.temperatures
+    if t == 1.0 or any(abs(t - s) < 1e-6 for s in stored):
+        return
+    message = (
+        f"loss {cfg.loss} at temperature {t:g}: {cache.url} stores the teacher's log-sum-exp "
+        f"only at T = 1{''.join(f', {s:g}' for s in stored)}, so its tail terms at {t:g} are "
+        f"approximate (the share of rows affected is logged each step)"
+    )
+    fix = f"rebuild the cache with `kdcache build --temperatures {t:g}` to make them exact"
+    if cfg.strict_temperature:
+        raise IncompatibleCacheError(message, hint=fix)
+    say(f"{message}; {fix}, or pass --strict-temperature to refuse")
 
 
 def _warmup_cosine(warmup: int, total: int):

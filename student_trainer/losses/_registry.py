@@ -27,6 +27,10 @@ class LossSpec:
     """True when the loss reads sampled ids (a cache built with `--samples N`)."""
     sample_temperature: float | None = None
     """The temperature the samples must have been drawn at (None: any)."""
+    tail_at_temperature: bool = False
+    """True when the loss needs the teacher's lse of logits / T at its temperature T: exact
+    where the build stored it (`--temperatures`), approximate elsewhere (the per-step error is
+    in its stats). False for losses exact at any T (fkl) or used only at T = 1."""
     aux_head: bool = False
     """True when the loss trains a second lm_head passed as `aux_student=`."""
     per_token: bool = True

@@ -183,6 +183,7 @@ SPECS: dict[str, LossSpec] = {
         "paper's CE; ce=0 drops it, and --ce-weight would add a second one); TCKD exact "
         "(stored label log-prob), NCKD bucketed over the cache (lower bound)",
         ce_option="ce",
+        tail_at_temperature=True,
     ),
     "nkd": LossSpec(
         nkd,
@@ -190,5 +191,6 @@ SPECS: dict[str, LossSpec] = {
         "paper's CE; ce=0 drops it, and --ce-weight would add a second one); target exact, "
         "non-target bucketed over the cache",
         ce_option="ce",
+        tail_at_temperature=True,
     ),
 }

@@ -191,29 +191,35 @@ SPECS: dict[str, LossSpec] = {
     "fkl-tail": LossSpec(
         fkl_tail,
         f"forward KL over top-k + one tail bucket (lower bound on the full KL), x T^2; {_TAIL_T}",
+        tail_at_temperature=True,
     ),
     "rkl": LossSpec(
         rkl,
         f"reverse KL over top-k + one tail bucket (lower bound on the full RKL); {_TAIL_T}",
+        tail_at_temperature=True,
     ),
     "jsd": LossSpec(
         jsd,
         "generalized JSD, M = beta p + (1-beta) q, over top-k + tail bucket (lower bound); "
         f"beta=0 is FKL, beta=1 is RKL; {_TAIL_T}",
+        tail_at_temperature=True,
     ),
     "tvd": LossSpec(
         tvd,
         "total variation over top-k + tail bucket: a lower bound, the full TVD is at most "
         f"min(p_tail, q_tail) more; {_TAIL_T}",
+        tail_at_temperature=True,
     ),
     "skl": LossSpec(
         skl,
         "skew KL(p || alpha p + (1-alpha) q) over top-k + tail bucket (lower bound on the full "
         f"value; true KL, not DistiLLM's cross-entropy); {_TAIL_T}",
+        tail_at_temperature=True,
     ),
     "srkl": LossSpec(
         srkl,
         "skew reverse KL(q || (1-alpha) p + alpha q) over top-k + tail bucket (lower bound on the "
         f"full value; true KL); {_TAIL_T}",
+        tail_at_temperature=True,
     ),
 }

@@ -86,5 +86,6 @@ SPECS: dict[str, LossSpec] = {
         pld,
         "Plackett-Luce distillation over (label, teacher top-k) in teacher order, tau=1, no CE; "
         "approximate: ranking steps after the cached prefix are dropped",
+        tail_at_temperature=True,
     ),
 }

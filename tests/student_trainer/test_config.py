@@ -18,7 +18,7 @@ from student_trainer.config import (
 
 FREE = {
     "out", "resume", "checkpoint_every", "eval_every", "progress", "log_every", "save_model",
-    "device", "allow_vocab_extension", "skip_bad_shards", "storage_options",
+    "device", "allow_vocab_extension", "skip_bad_shards", "storage_options", "strict_temperature",
 }  # fmt: skip
 """Where a run writes, how often it reports, where it runs, what it tolerates: a resume may
 change these. Everything else changes what is trained (or what its evaluations measure)."""
