@@ -20,6 +20,7 @@ dataloader is the stream itself (per_device_train_batch_size does not apply), an
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 from student_trainer.api import LossSettings, kd_loss
+from student_trainer.losses import LOSSES
 
 __all__ = ["KDTrainer", "kd_training_arguments"]
 
@@ -101,6 +103,9 @@ class KDTrainer(Trainer):
             hook.remove()
         head = unwrapped.get_output_embeddings()
         device = seen["hidden"].device
+        settings = self.kd_settings
+        if LOSSES[self.kd_loss_name].scheduled:  # DKD's warm-up, dual-head's KD stop
+            settings = dataclasses.replace(settings, epoch=float(self.state.epoch or 0.0))
         loss, terms = kd_loss(
             seen["hidden"],
             head.weight,
@@ -108,7 +113,7 @@ class KDTrainer(Trainer):
             self.kd_loss_name,
             rows=rows.to(device),
             bias=head.bias,
-            settings=self.kd_settings,
+            settings=settings,
             **self.kd_options,
         )
         value = float(loss.detach())  # deliberate sync, once per micro-batch, for the logs

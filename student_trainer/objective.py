@@ -40,6 +40,9 @@ class LossSettings:
     """Vocabulary columns per step of the chunked student (losses that pool rows)."""
     logit_block: int = 1 << 24
     """Logits per row block of the per-token losses (rows = logit_block // V)."""
+    epoch: float = 0.0
+    """Epochs of training done when this step runs (tokens seen / tokens in the cache): what
+    scheduled losses (DKD's warm-up, dual-head's KD stop) read."""
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> LossSettings:
@@ -115,6 +118,8 @@ def loss_of(
         kwargs["temperature"] = cfg.temperature
     if spec.aux_head:
         kwargs["aux_student"] = aux_student
+    if spec.scheduled:
+        kwargs["epoch"] = cfg.epoch
     loss = spec.fn(student, teacher, **kwargs, stats=stats)
     if cfg.ce_weight:
         loss = loss + cfg.ce_weight * cross_entropy(student, teacher.labels)

@@ -172,7 +172,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             inputs, teacher = next(micro_batches)
             inputs, teacher = inputs.to(device), teacher.to(device)
             stats: dict[str, torch.Tensor] = {}
-            objective = objective_for(spec, options, loss_settings, teacher, stats, bf16)
+            now = loss_settings
+            if spec.scheduled:  # the loss weighs its terms by how far training has come
+                now = dataclasses.replace(now, epoch=progress.tokens / cache.manifest.num_tokens)
+            objective = objective_for(spec, options, now, teacher, stats, bf16)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = wrapped(inputs.input_ids, inputs.attention_mask, inputs.rows, objective)
             loss = loss / cfg.grad_accum

@@ -51,8 +51,15 @@ class LossSpec:
         return {
             p.name: p.default
             for p in params
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("stats", "aux_student")
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            and p.name not in ("stats", "aux_student", "epoch")
         }
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the loss takes `epoch=` (epochs of training done, a float) for a schedule
+        of its weights; the trainer passes it."""
+        return "epoch" in inspect.signature(self.fn).parameters
 
     def builtin_ce(self, options: Mapping[str, Any]) -> float:
         """Weight of the label cross-entropy the loss adds itself under `options` (0.0: none).

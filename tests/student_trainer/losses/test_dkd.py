@@ -277,7 +277,9 @@ def test_the_papers_label_cross_entropy_is_added_at_t1_by_default(fn, T):
 
 
 def test_specs_list_the_options():
-    assert SPECS["dkd"].options == {"temperature": 1.0, "alpha": 1.0, "beta": 0.5, "ce": 1.0}
+    assert SPECS["dkd"].options == {
+        "temperature": 1.0, "alpha": 1.0, "beta": 0.5, "ce": 1.0, "warmup_epochs": 0.0
+    }  # fmt: skip
     assert SPECS["nkd"].options == {"temperature": 1.0, "gamma": 1.5, "ce": 1.0}
     assert all("ce=0" in spec.summary and "--ce-weight" in spec.summary for spec in SPECS.values())
     assert isinstance(SPECS["dkd"].fn(DenseStudent(torch.zeros(1, 3)), _tiny()), torch.Tensor)

@@ -187,6 +187,8 @@ def test_dense_and_chunked_students_agree():
 def test_spec_declares_the_aux_head_and_its_ce():
     spec = SPECS["dual-head"]
     assert spec.aux_head
-    assert spec.options == {"temperature": 2.0, "alpha_v": 100.0, "gamma": 1.0}
+    assert spec.options == {
+        "temperature": 2.0, "alpha_v": 100.0, "gamma": 1.0, "kd_until_epoch": 0.0
+    }  # fmt: skip
     assert spec.builtin_ce({}) == 1.0 and spec.builtin_ce({"gamma": 0.0}) == 0.0
     assert "--ce-weight" in spec.summary
