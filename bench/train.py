@@ -204,6 +204,7 @@ def batch(paths: dict[str, str], size: dict[str, Any]):
         cache.layout.vocab_size,
         cache.layout.temperatures,
         cache.manifest.build.sample_temperature,
+        cache.layout.num_samples,
     )
 
 
@@ -316,7 +317,9 @@ def run_loader(paths: dict[str, str], size: dict[str, Any]) -> dict:
     while time.perf_counter() - start < size["loader_seconds"]:
         stream.epoch = epoch
         for group in batches(iter(stream), batch_tokens):
-            inputs, _ = collate(group, layout.vocab_size, layout.temperatures, sample_t)
+            inputs, _ = collate(
+                group, layout.vocab_size, layout.temperatures, sample_t, layout.num_samples
+            )
             tokens += int(inputs.attention_mask.sum())
         epoch += 1
     seconds = time.perf_counter() - start

@@ -356,6 +356,7 @@ def _forward(
         temperatures=cfg.temperatures,
         num_samples=cfg.samples,
         sample_temperature=cfg.sample_temperature,
+        compact_samples=True,
         vocab_chunk=cfg.vocab_chunk,
     )
     return teacher.signals(h, labels, options, generator=generator)

@@ -52,7 +52,8 @@ class BuildConfig:
     max_length: int = 2048
     """--max-length: tokens per packed row; longer documents are split into windows."""
     top_k: int = 64
-    """--top-k: how many of the teacher's most likely next tokens to keep per position."""
+    """--top-k: how many of the teacher's most likely next tokens to keep per position (0 with
+    --samples: a samples-only cache)."""
     samples: int = 0
     """--samples: tokens drawn per position from the teacher (for sampled-logit losses such as rskd)."""
     sample_temperature: float = 1.0
@@ -85,7 +86,10 @@ class BuildConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.max_length >= 2, "--max-length must be at least 2"),
-            (self.top_k >= 1, "--top-k must be at least 1"),
+            (
+                self.top_k >= 1 or (self.top_k == 0 and self.samples > 0),
+                "--top-k must be at least 1, or 0 with --samples N (a samples-only cache, for rskd)",
+            ),
             (
                 self.max_documents is None or self.max_documents >= 1,
                 "--max-documents must be at least 1",

@@ -72,6 +72,7 @@ def draft_manifest(
             temperatures=tuple(cfg.temperatures),
             num_samples=cfg.samples,
             content_keys=True,
+            compact_samples=cfg.samples > 0,
         ),
         encoding=encoding.to_json(),
         extensions=_quantization_extension(teacher),
@@ -107,7 +108,7 @@ def encoding_for(cfg: BuildConfig, vocab_size: int) -> TopkEncoding:
                 **({"values": cfg.value_encoding} if cfg.value_encoding else {}),
             }
         )
-        enc.columns(cfg.top_k, vocab_size)
+        enc.columns(max(cfg.top_k, 1), vocab_size)
     except ValueError as exc:
         raise ConfigError(
             f"{exc}", hint="see `kdcache build --help` for --id-encoding and --value-encoding"

@@ -66,12 +66,15 @@ class SignalOptions:
     """
 
     k: int
-    """How many top ids (and their log-probs) to keep per position."""
+    """How many top ids (and their log-probs) to keep per position (0: samples only)."""
     temperatures: tuple[float, ...] = ()
     """Extra temperatures T whose lse of logits / T is kept."""
     num_samples: int = 0
     """Ids drawn per position from softmax(logits / sample_temperature)."""
     sample_temperature: float = 1.0
+    compact_samples: bool = False
+    """Keep only the draws outside the top-k, ordered by logit (descending), padding last
+    (the cache format from 3.0); False: every draw, ordered by id."""
     vocab_chunk: int = 131072
     """Vocabulary columns per step (131072 covers a Llama-3 vocabulary in one)."""
     row_chunk: int = 2048
@@ -81,8 +84,8 @@ class SignalOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "temperatures", tuple(self.temperatures))
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.k < 0 or (self.k == 0 and not self.num_samples):
+            raise ValueError(f"k must be at least 1 (or 0 with samples), got {self.k}")
         if any(not t > 0 for t in self.temperatures) or not self.sample_temperature > 0:
             raise ValueError(
                 f"temperatures must be > 0, got {self.temperatures}, {self.sample_temperature}"
@@ -312,6 +315,11 @@ class ChunkPartial:
     """(r,) log-sum-exp of the chunk's logits / sample_temperature: its share of the draws."""
 
 
+def candidates(options: SignalOptions) -> int:
+    """Top candidates a chunk ranks: k, and 1 when k = 0 (the fold moves it to the tail)."""
+    return max(options.k, 1)
+
+
 def _extra(options: SignalOptions) -> tuple[float, ...]:
     return tuple(t for t in options.temperatures if t != 1.0)
 
@@ -333,7 +341,7 @@ def chunk_partial(
     at = (labels - start).clamp(0, c - 1).unsqueeze(1)
     label_logit = z.gather(1, at).squeeze(1).float()
     cv, ci, lse, tail, extra = chunk_top(
-        z, min(options.k, c), _extra(options), options.block, scratch=scratch and not n
+        z, min(candidates(options), c), _extra(options), options.block, scratch=scratch and not n
     )
     # Contiguous, as a partial that went through a collective is: elementwise kernels round
     # differently in the last bit on strided views, and a tensor-parallel fold must match.
@@ -400,18 +408,41 @@ class Fold:
             topk_ids=self.top_i,
             topk_logprobs=self.top_v - lse_col,
             lse=lse,
-            log_tail=self.tail - lse,
+            # k = 0: the tail is everything, exactly (the difference could round above 0)
+            log_tail=self.tail - lse if self.options.k else torch.zeros_like(lse),
             label_logprob=self.label_logit - lse,
         )
         if temperatures:
             by_t = dict(zip(_extra(self.options), self.extra_lse.unbind(1), strict=True))
             out.temp_lse = torch.stack([lse if t == 1.0 else by_t[t] for t in temperatures], 1)
         if self.options.num_samples:
-            out.sample_ids, out.sample_counts, logit = _unique_counts(
-                self.sample_ids, self.sample_logit
-            )
+            ids, counts, logit = _unique_counts(self.sample_ids, self.sample_logit)
+            if self.options.compact_samples:
+                ids, counts, logit = _outside_topk(ids, counts, logit, self.top_i, self.top_v)
+            out.sample_ids, out.sample_counts = ids, counts
             out.sample_logprobs = logit - lse_col
         return out
+
+
+def _outside_topk(
+    ids: Tensor, counts: Tensor, logit: Tensor, top_i: Tensor, top_v: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compact samples: the distinct ids outside the top-k, by logit (descending, ties by id),
+    then padding (count 0) that repeats the last of them, so the log-probs stay sorted for the
+    value encoding; a row with none repeats its k-th top-k entry."""
+    inside = (ids.unsqueeze(-1) == top_i.unsqueeze(1)).any(-1)  # (r, n)
+    counts = counts.masked_fill(inside, 0)
+    key = torch.where(counts > 0, logit, -torch.inf)  # ids ascend: a stable sort keeps ties so
+    order = key.sort(dim=1, descending=True, stable=True).indices
+    ids, counts, logit = (a.gather(1, order) for a in (ids, counts, logit))
+    last = ((counts > 0).sum(1, keepdim=True) - 1).clamp_min(0)  # (r, 1)
+    fill_i, fill_v = ids.gather(1, last), logit.gather(1, last)
+    if top_i.shape[1]:  # rows with no draw outside the top-k (k = 0 has none such)
+        empty = counts[:, :1] == 0
+        fill_i = torch.where(empty, top_i[:, -1:], fill_i)
+        fill_v = torch.where(empty, top_v[:, -1:], fill_v)
+    pad = counts == 0
+    return torch.where(pad, fill_i, ids), counts, torch.where(pad, fill_v, logit)
 
 
 def _rank(v: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,6 +30,7 @@ from cache_builder.topk import (
     Fold,
     SignalOptions,
     TeacherSignals,
+    candidates,
     check_labels,
     chunk_partial,
 )
@@ -143,7 +144,7 @@ def _all_gather(
 def _widths(options: SignalOptions) -> tuple[int, int, int]:
     m = sum(t != 1.0 for t in options.temperatures)
     n = options.num_samples
-    return options.k, m, n
+    return candidates(options), m, n
 
 
 def _pack(p: ChunkPartial, options: SignalOptions) -> tuple[Tensor, Tensor]:

@@ -98,7 +98,7 @@ def _format_inspect(info: dict[str, Any]) -> str:
         f"dataset      {info['dataset']['source']}  split {info['dataset'].get('split')}  {info['dataset']['num_documents']} documents",
         f"top-k        k={info['k']} of V={info['vocab_size']}  ids {enc.get('ids')}  values {enc.get('values')}"
         + (f"  temperatures {info['temperatures']}" if info["temperatures"] else "")
-        + (f"  samples {info['num_samples']}" if info["num_samples"] else ""),
+        + (f"  samples {info['num_samples']}{_sample_kind(info)}" if info["num_samples"] else ""),
         f"size         {info['shards']} shards, {info['sequences']} sequences, {info['tokens']} tokens, "
         f"{info['bytes'] / 1e6:.2f} MB" + (f", {bpt:.1f} bytes/token" if bpt else ""),
     ]
@@ -126,6 +126,12 @@ def _format_inspect(info: dict[str, Any]) -> str:
             f"(from {stats['sampled_tokens']} tokens; this cache predates fidelity blocks)"
         )
     return "\n".join(lines)
+
+
+def _sample_kind(info: dict) -> str:
+    if not info.get("compact_samples"):
+        return " (every draw listed)"
+    return " (samples only)" if info["k"] == 0 else " (draws outside the top-k listed)"
 
 
 @main.command()

@@ -17,6 +17,9 @@ from schemas.encodings import Column, TopkEncoding
 from schemas.record import FIELDS_BY_NAME, SEQUENCE, TOPK_FIELDS, Layout, ShardRecords
 
 _ID_FIELDS = ("input_ids", "sample_ids")
+SAMPLE_VALUES = "sample_logprobs"
+SAMPLE_PREFIX = "sample_logprob"
+"""Compact samples store their log-probs through the value encoding, under this prefix."""
 _SHUFFLE = {"int": "bitshuffle", "uint": "bitshuffle", "float": "shuffle"}
 
 
@@ -27,9 +30,13 @@ def token_columns(layout: Layout, encoding: TopkEncoding) -> dict[str, Column]:
         if f.dims[0] == SEQUENCE:
             continue
         if f.name == "topk_ids":
-            cols.update(encoding.columns(layout.k, layout.vocab_size))
+            if layout.k:  # a samples-only cache stores no top-k
+                cols.update(encoding.columns(layout.k, layout.vocab_size))
             continue
         if f.name in TOPK_FIELDS:
+            continue
+        if f.name == SAMPLE_VALUES and layout.compact_samples:
+            cols.update(encoding.value_columns(layout.num_samples, SAMPLE_PREFIX))
             continue
         dtype = layout.id_dtype if f.name in _ID_FIELDS else f.dtype
         kind = np.dtype(dtype).kind
@@ -149,7 +156,11 @@ def check_offsets(offsets: np.ndarray, num_tokens: int) -> None:
 
 def to_stored(records: ShardRecords, layout: Layout, encoding: TopkEncoding) -> StoredShard:
     """`records` encoded and cast to their stored dtypes."""
-    out = dict(encoding.encode(records.topk_ids, records.topk_logprobs, layout.vocab_size))
+    out: dict[str, np.ndarray] = {}
+    if layout.k:
+        out.update(encoding.encode(records.topk_ids, records.topk_logprobs, layout.vocab_size))
+    if layout.compact_samples and records.sample_logprobs is not None:
+        out.update(encoding.encode_values(records.sample_logprobs, SAMPLE_PREFIX))
     for name, col in token_columns(layout, encoding).items():
         if name in out:
             continue
@@ -171,11 +182,18 @@ def to_stored(records: ShardRecords, layout: Layout, encoding: TopkEncoding) -> 
 def from_stored(stored: StoredShard, layout: Layout, encoding: TopkEncoding) -> ShardRecords:
     """`ShardRecords` from stored columns (the inverse of `to_stored`)."""
     columns: Mapping[str, np.ndarray] = stored.tokens
-    topk_parts = {name: columns[name] for name in encoding.columns(layout.k, layout.vocab_size)}
-    ids, logprobs = encoding.decode(topk_parts)
+    if layout.k:
+        topk_parts = {name: columns[name] for name in encoding.columns(layout.k, layout.vocab_size)}
+        ids, logprobs = encoding.decode(topk_parts)
+    else:  # samples only
+        ids = np.zeros((stored.num_tokens, 0), np.int32)
+        logprobs = np.zeros((stored.num_tokens, 0), np.float32)
     arrays: dict[str, np.ndarray] = {"topk_ids": ids, "topk_logprobs": logprobs}
     for f in layout.fields():
         if f.name in TOPK_FIELDS:
+            continue
+        if f.name == SAMPLE_VALUES and layout.compact_samples:
+            arrays[f.name] = encoding.decode_values(columns, SAMPLE_PREFIX)
             continue
         source = stored.sequences if f.dims[0] == SEQUENCE else columns
         arrays[f.name] = np.asarray(source[f.name]).astype(f.dtype, copy=False)

@@ -36,8 +36,8 @@ MAX_DEPTH = 32
 """Nesting of free-form blocks (the build config, the encoding, extensions)."""
 
 INT_BOUNDS: dict[str, tuple[int, int]] = {
-    "k": (1, MAX_K),
-    "top_k": (1, MAX_K),
+    "k": (0, MAX_K),  # 0: a samples-only cache (checked with the layout)
+    "top_k": (0, MAX_K),
     "num_samples": (0, MAX_K),
     "vocab_size": (1, MAX_VOCAB),
     "bos_token_id": (0, MAX_VOCAB),

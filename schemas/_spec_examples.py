@@ -181,9 +181,28 @@ def load(path):
     return meta, column
 
 
+def values(enc, column, prefix, kind):
+    """Log-probs float32 (N, width) stored under `prefix` in value encoding `kind`."""
+    if kind == "float32":
+        return column(f"{prefix}s")
+    if kind in ("float16", "bfloat16"):  # bit patterns, differenced along the row (mod 2**16)
+        bits = np.cumsum(column(f"{prefix}_{kind}_bits"), axis=1, dtype=np.uint16)
+        if kind == "float16":
+            return bits.view(np.float16).astype(np.float32)
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    # q8, q8c, q8c-coarse: 8-bit codes of the distance below the row's exact first value
+    step, knee, max_code = (enc["value_params"][p] for p in ("step", "knee", "max_code"))
+    c = np.arange(max_code + 1, dtype=np.float64)
+    x = c * step if knee is None else knee * np.expm1(c * step / knee)
+    codes = np.cumsum(column(f"{prefix}_codes"), axis=1, dtype=np.int16)
+    return column(f"{prefix}_top1")[:, None] - x.astype(np.float32)[codes]
+
+
 def decode(meta, column):
     """(ids int32 (N, k), log-probs float32 (N, k), lse float32 (N,)), teacher rank order."""
-    enc = meta["encoding"]
+    enc, lse = meta["encoding"], column("lse")
+    if meta["layout"]["k"] == 0:  # a samples-only cache (format 3.0)
+        return np.zeros((len(lse), 0), np.int32), np.zeros((len(lse), 0), np.float32), lse
     if enc["ids"] == "sorted":  # ascending ids as gaps, rank order as a Lehmer code (slow)
         ranked = np.cumsum(column("topk_id_gaps"), axis=1, dtype=np.int32)
         slots = []
@@ -193,22 +212,17 @@ def decode(meta, column):
         ids = np.take_along_axis(ranked, np.array(slots, np.int64).reshape(ranked.shape), 1)
     else:  # uint16 or uint32
         ids = column("topk_ids").astype(np.int32)
-    values = enc["values"]
-    if values == "float32":
-        logprobs = column("topk_logprobs")
-    elif values in ("float16", "bfloat16"):  # bit patterns, differenced along k (mod 2**16)
-        bits = np.cumsum(column(f"topk_logprob_{values}_bits"), axis=1, dtype=np.uint16)
-        if values == "float16":
-            logprobs = bits.view(np.float16).astype(np.float32)
-        else:
-            logprobs = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    else:  # q8, q8c, q8c-coarse: 8-bit codes of the distance below the exact top-1
-        step, knee, max_code = (enc["value_params"][p] for p in ("step", "knee", "max_code"))
-        c = np.arange(max_code + 1, dtype=np.float64)
-        x = c * step if knee is None else knee * np.expm1(c * step / knee)
-        codes = np.cumsum(column("topk_logprob_codes"), axis=1, dtype=np.int16)
-        logprobs = column("topk_logprob_top1")[:, None] - x.astype(np.float32)[codes]
-    return ids, logprobs, column("lse")
+    return ids, values(enc, column, "topk_logprob", enc["values"]), lse
+
+
+def samples(meta, column):
+    """(distinct ids, counts, log-probs) of the draws; padding has count 0. Format 3.0
+    (layout.compact_samples) lists only the draws outside the top-k, log-probs in the cache's
+    value encoding; 2.x lists every draw, float32 log-probs."""
+    compact = meta["layout"].get("compact_samples", False)
+    kind = meta["encoding"]["values"] if compact else "float32"
+    lp = values(meta["encoding"], column, "sample_logprob", kind)
+    return column("sample_ids").astype(np.int32), column("sample_counts"), lp
 
 
 if __name__ == "__main__":

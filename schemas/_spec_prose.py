@@ -62,7 +62,7 @@ FIELD_NOTES = {
     "Layout.k": "Top-k ids and log-probabilities per position.",
     "Layout.vocab_size": "The vocabulary size V: every stored id is < V.",
     "Layout.temperatures": "The extra temperatures T of `temp_lse`, in its column order.",
-    "Layout.num_samples": "Slots per position of `sample_ids` (0: none).",
+    "Layout.num_samples": "Draws per position, and slots per position of `sample_ids` (0: none).",
     "Fidelity.positions": "Token positions measured (all of the cache's).",
     "Fidelity.mean_topk_entropy_nats": "Mean entropy of the renormalised top-k.",
     "Fidelity.encoding_sampled_positions": "Positions encoded and decoded to measure the "
@@ -255,6 +255,27 @@ Two caches with the same fingerprint hold the same content: it hashes what decid
 content (teacher, tokenizer, data, build settings, layout, encoding) and leaves out names and
 paths where a hash identifies the thing. Every shard's metadata names it. From
 `manifest.json`:
+""",
+    "compact_samples": """
+A cache with `layout.compact_samples: true` (format 3.0, every build with `--samples` from
+kdcache 0.3) stores per position only the draws that fell outside the top-k: their distinct
+ids, how many of the `num_samples` draws gave each (the counts add up to the draws outside the
+top-k; the others fell inside it and are implied), and their log-probabilities, ordered by
+descending log-probability with ties by ascending id. The unused slots come last with count 0
+and repeat the last listed id and value (a position with no draw outside the top-k repeats the
+k-th top-k id and value), so they compress to almost nothing. The log-probabilities are stored
+in the cache's value encoding, like the top-k's, in the columns below (in place of
+`sample_logprobs`, which the float32 encoding keeps); a q format codes the distance below the
+position's first listed value, which `sample_logprob_top1` holds exactly. A cache with
+`layout.k: 0` stores no top-k columns at all: every draw is listed, `log_tail` is 0 and
+`topk_ids`, `topk_logprobs` decode to width 0.
+""",
+    "v2_caches": """
+A 2.x cache with samples (`num_samples` > 0, no `compact_samples`) lists every draw: distinct
+ids in ascending order with counts adding up to `num_samples`, padding (count 0) repeating the
+first id, and float32 log-probabilities in `sample_logprobs`. A 2.0 reader refuses 3.0 caches by
+name; kdcache writes 3.0 only for caches with compact samples, so a cache without samples stays
+2.0 and readable by kdcache 0.2.
 """,
     "old_caches": """
 kdcache reads caches of format 1.x; a 1.x reader refuses 2.0 caches by name. A 1.x cache has:

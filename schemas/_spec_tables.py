@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from schemas import _arrow, _jsonparse, manifest
-from schemas._columns import sequence_columns, token_columns
+from schemas._columns import SAMPLE_PREFIX, sequence_columns, token_columns
 from schemas._spec_docs import (
     attribute_docs,
     class_doc,
@@ -147,6 +147,17 @@ def encoding_rows(kind: str) -> list[Row]:
             dims = ("tokens", *(_SIZES[s] for s in col.shape))
             rule = _rule(_probe(enc.columns, col_name), 1)
             rows.append((f"`{name}`", *_column_row(col, rule, dims)))
+    return rows
+
+
+def sample_value_rows() -> list[Row]:
+    """The columns that hold compact samples' log-probs, per value encoding (format 3.0)."""
+    n = EXAMPLE_LAYOUT.num_samples
+    rows = []
+    for name in VALUE_ENCODINGS:
+        for col in TopkEncoding(_WIDE.ids, name).value_columns(n, SAMPLE_PREFIX).values():
+            dims = ("tokens", *("samples" for _ in col.shape))
+            rows.append((f"`{name}`", *_column_row(col, col.dtype, dims)))
     return rows
 
 

@@ -20,7 +20,6 @@ encoding with its parameters, so a shard found on its own can still be identifie
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
 from abc import ABC, abstractmethod
@@ -37,7 +36,7 @@ from schemas.fidelity import ShardFidelity, measure
 from schemas.manifest import SHARD_DIR, ShardInfo
 from schemas.record import Layout, ShardRecords
 from schemas.storage import is_local, join, move_tree
-from schemas.version import FORMAT_VERSION
+from schemas.version import version_for
 
 IDENTITY_KEY = "kdcache"
 """Key of the metadata every shard carries (Arrow schema metadata, Zarr group attributes)."""
@@ -52,8 +51,8 @@ def shard_name(index: int, suffix: str) -> str:
 def shard_metadata(layout: Layout, encoding: TopkEncoding) -> dict[str, Any]:
     """What a shard says about its own contents (JSON-ready)."""
     return {
-        "format_version": FORMAT_VERSION,
-        "layout": json.loads(json.dumps(dataclasses.asdict(layout))),
+        "format_version": version_for(layout.compact_samples),
+        "layout": json.loads(json.dumps(layout.to_json())),
         "encoding": encoding.describe(),
     }
 

@@ -82,7 +82,13 @@ def check_records(
         )
     if records.sample_counts is not None:
         drawn = records.sample_counts.sum(axis=1, dtype=np.int64)  # (N,)
-        if bad := int(np.count_nonzero(drawn != layout.num_samples)):
+        if layout.compact_samples and layout.k:  # only the draws outside the top-k are listed
+            if bad := int(np.count_nonzero(drawn > layout.num_samples)):
+                problems.append(
+                    f"sample_counts: {bad} of {n} positions add up to more than the "
+                    f"{layout.num_samples} draws per position"
+                )
+        elif bad := int(np.count_nonzero(drawn != layout.num_samples)):
             problems.append(
                 f"sample_counts: {bad} of {n} positions do not add up to the "
                 f"{layout.num_samples} draws per position"
@@ -113,12 +119,43 @@ def check_records_deep(records: ShardRecords, layout: Layout, encoding: TopkEnco
         drawn = np.sort(np.where(records.sample_counts > 0, records.sample_ids, padding), axis=1)
         if bad := _count_rows(drawn[:, 1:] == drawn[:, :-1]):
             problems.append(f"sample_ids: {bad} of {n} positions list a drawn id twice")
+        if layout.compact_samples:
+            problems += _compact_sample_problems(records, layout)
     problems += _fill_problems(records)
-    if n:
+    if n and layout.k:  # a samples-only cache has no top-k values to check the label against
         bounds = _decoded_bounds(encoding, lp, layout.vocab_size)
         problems += _label_problems(records, bounds)
         problems += _tail_problems(records, bounds)
     return problems
+
+
+def _compact_sample_problems(records: ShardRecords, layout: Layout) -> list[str]:
+    """Compact samples list only ids outside the top-k, real slots first, by log-prob."""
+    assert records.sample_ids is not None and records.sample_counts is not None
+    assert records.sample_logprobs is not None
+    n, out = records.num_tokens, []
+    real = records.sample_counts > 0  # (N, n)
+    if bad := _count_rows(~real[:, :-1] & real[:, 1:]):
+        out.append(f"sample_counts: {bad} of {n} positions have padding before a drawn id")
+    lp = np.where(real, records.sample_logprobs, -np.inf)
+    with np.errstate(invalid="ignore"):  # -inf - -inf between padding slots: NaN, not > 0
+        rising = np.diff(lp, axis=1) > 0
+    if bad := _count_rows(rising):
+        out.append(
+            f"sample_logprobs: {bad} of {n} positions are out of order (compact samples are "
+            "listed by descending log-prob)"
+        )
+    inside = np.zeros(n, dtype=bool)
+    for lo in range(0, n, 4096):  # (rows, n, k) at a time: bounded memory
+        block = slice(lo, lo + 4096)
+        hit = records.sample_ids[block, :, None] == records.topk_ids[block, None, :]
+        inside[block] = (hit.any(-1) & real[block]).any(-1)
+    if bad := int(inside.sum()):
+        out.append(
+            f"sample_ids: {bad} of {n} positions list a draw inside the top-k (compact samples "
+            "keep only the draws outside it)"
+        )
+    return out
 
 
 def last_positions(offsets: np.ndarray) -> np.ndarray:
@@ -189,8 +226,10 @@ def _fill_problems(records: ShardRecords) -> list[str]:
     checked = ("input_ids", "topk_ids", "topk_logprobs", "lse", "log_tail", "label_logprob")
     for name in (*checked, "temp_lse", "sample_logprobs"):
         values = getattr(records, name)
-        if values is None or n < FILL_MIN_TOKENS:
+        if values is None or n < FILL_MIN_TOKENS or not values.size:
             continue
+        if name == "log_tail" and not records.topk_ids.shape[1]:
+            continue  # no top-k: all the mass is in the tail, log_tail is 0 everywhere
         zero = values == 0
         if name == "label_logprob":
             zero |= np.isnan(values)

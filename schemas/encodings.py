@@ -185,27 +185,36 @@ class TopkEncoding:
                     "rank order as a Lehmer code relative to id order",
                 ),
             ]
+        cols += self.value_columns(k).values()
+        return {c.name: c for c in cols}
+
+    def value_columns(self, width: int, prefix: str = "topk_logprob") -> dict[str, Column]:
+        """The arrays that store (N, width) log-probs in this value encoding, named from
+        `prefix`: ``{prefix}s`` (float32), ``{prefix}_{values}_bits`` (float16, bfloat16), or
+        ``{prefix}_top1`` and ``{prefix}_codes`` (q formats). Samples use prefix
+        ``sample_logprob`` in caches with compact samples."""
         if self.values == "float32":
-            cols.append(Column("topk_logprobs", "float32", (k,), "shuffle", "log-probs"))
+            cols = [Column(f"{prefix}s", "float32", (width,), "shuffle", "log-probs")]
         elif self.values in ("float16", "bfloat16"):
-            cols.append(
+            cols = [
                 Column(
-                    f"topk_logprob_{self.values}_bits",
+                    f"{prefix}_{self.values}_bits",
                     "uint16",
-                    (k,),
+                    (width,),
                     "shuffle",
-                    f"{self.values} bit patterns of the log-probs, differenced along k",
+                    f"{self.values} bit patterns of the log-probs, differenced along the row",
                 )
-            )
+            ]
         else:
-            cols += [
-                Column("topk_logprob_top1", "float32", (), "shuffle", "log-prob of the top-1"),
+            cols = [
+                Column(f"{prefix}_top1", "float32", (), "shuffle", "the row's first log-prob"),
                 Column(
-                    "topk_logprob_codes",
+                    f"{prefix}_codes",
                     "uint8",
-                    (k,),
+                    (width,),
                     "bitshuffle",
-                    f"{self.values} codes of the distance below the top-1, differenced along k",
+                    f"{self.values} codes of the distance below the first, differenced along "
+                    "the row",
                 ),
             ]
         return {c.name: c for c in cols}
@@ -238,14 +247,16 @@ class TopkEncoding:
             out["topk_id_lehmer"] = lehmer_encode(slot)
         else:
             out["topk_ids"] = ids
-        out.update(self._encode_values(logprobs))
+        out.update(self.encode_values(logprobs))
         return {
             name: np.ascontiguousarray(out[name], dtype=col.dtype) for name, col in cols.items()
         }
 
-    def _encode_values(self, lp: np.ndarray) -> dict[str, np.ndarray]:
+    def encode_values(self, lp: np.ndarray, prefix: str = "topk_logprob") -> dict[str, np.ndarray]:
+        """The `value_columns` arrays for log-probs `lp` (N, width), non-increasing along rows."""
+        lp = np.asarray(lp, dtype=np.float32)
         if self.values == "float32":
-            return {"topk_logprobs": lp}
+            return {f"{prefix}s": lp}
         if self.values == "float16":
             bits = np.maximum(lp, -_F16_MAX).astype(np.float16).view(np.uint16)
         elif self.values == "bfloat16":
@@ -253,7 +264,7 @@ class TopkEncoding:
             b32 = b32 + np.uint32(0x7FFF) + ((b32 >> np.uint32(16)) & np.uint32(1))
             bits = (b32 >> np.uint32(16)).astype(np.uint16)
         if self.values in ("float16", "bfloat16"):  # wrapping differences: exact both ways
-            name = f"topk_logprob_{self.values}_bits"
+            name = f"{prefix}_{self.values}_bits"
             return {name: np.diff(bits, axis=1, prepend=np.zeros_like(bits[:, :1]))}
         q = _QUANTIZERS[self.values]
         top1 = lp[:, :1]
@@ -261,8 +272,10 @@ class TopkEncoding:
         codes = np.clip(np.rint(q.forward(x)), 0, q.max_code).astype(np.int16)
         codes = np.maximum.accumulate(codes, axis=1)  # ranks never decode above the one before
         return {
-            "topk_logprob_top1": lp[:, 0] if lp.shape[1] else np.zeros(len(lp), np.float32),
-            "topk_logprob_codes": np.diff(codes, axis=1, prepend=np.zeros_like(codes[:, :1])),
+            f"{prefix}_top1": lp[:, 0] if lp.shape[1] else np.zeros(len(lp), np.float32),
+            f"{prefix}_codes": np.diff(codes, axis=1, prepend=np.zeros_like(codes[:, :1])).astype(
+                np.uint8
+            ),
         }
 
     def decode(self, parts: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -277,22 +290,25 @@ class TopkEncoding:
             ids = np.take_along_axis(ranked, slot, axis=1)
         else:
             ids = np.asarray(parts["topk_ids"]).astype(np.int32)
-        return ids, self._decode_values(parts)
+        return ids, self.decode_values(parts)
 
-    def _decode_values(self, parts: Mapping[str, np.ndarray]) -> np.ndarray:
+    def decode_values(
+        self, parts: Mapping[str, np.ndarray], prefix: str = "topk_logprob"
+    ) -> np.ndarray:
+        """(N, width) float32 log-probs from the `value_columns` arrays named from `prefix`."""
         if self.values == "float32":
-            return np.asarray(parts["topk_logprobs"]).astype(np.float32)
+            return np.asarray(parts[f"{prefix}s"]).astype(np.float32)
         if self.values in ("float16", "bfloat16"):
-            diffs = np.asarray(parts[f"topk_logprob_{self.values}_bits"])
+            diffs = np.asarray(parts[f"{prefix}_{self.values}_bits"])
             bits = np.cumsum(diffs, axis=1, dtype=np.uint16)  # wraps mod 2^16, as encoded
             if self.values == "float16":
                 return bits.view(np.float16).astype(np.float32)
             return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
         q = _QUANTIZERS[self.values]
-        codes = np.cumsum(np.asarray(parts["topk_logprob_codes"]), axis=1, dtype=np.int16)
+        codes = np.cumsum(np.asarray(parts[f"{prefix}_codes"]), axis=1, dtype=np.int16)
         if codes.size and codes[:, -1].max() > q.max_code:  # codes never decrease along k
-            raise ValueError(f"corrupt topk_logprob_codes: a code exceeds {q.max_code}")
-        top1 = np.asarray(parts["topk_logprob_top1"], dtype=np.float32)
+            raise ValueError(f"corrupt {prefix}_codes: a code exceeds {q.max_code}")
+        top1 = np.asarray(parts[f"{prefix}_top1"], dtype=np.float32)
         return top1[:, None] - q.table[codes]  # (N, k); a nonnegative table keeps it <= top1 <= 0
 
     # -- error bound -------------------------------------------------------------------------

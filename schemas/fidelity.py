@@ -80,6 +80,7 @@ def measure(records: ShardRecords, encoding: TopkEncoding, vocab_size: int) -> S
     z = p.sum(axis=1, dtype=np.float64)  # (N,)
     plogp = np.where(p > 0, p * lp, 0.0).sum(axis=1, dtype=np.float64)  # (N,)
     entropy = np.log(np.maximum(z, 1e-300)) - plogp / np.maximum(z, 1e-300)
+    entropy = np.where(z > 0, entropy, 0.0)  # no top-k (samples only): nothing to measure
     # The next token of position t is input t + 1 of the same sequence.
     has_next = np.ones(n, dtype=bool)
     ends = records.seq_offsets[1:][np.diff(records.seq_offsets) > 0] - 1
@@ -87,10 +88,11 @@ def measure(records: ShardRecords, encoding: TopkEncoding, vocab_size: int) -> S
     nxt = np.append(records.input_ids[1:], -1)
     in_topk = (records.topk_ids == nxt[:, None]).any(axis=1) & has_next
 
-    rows = np.arange(0, n, SAMPLE_EVERY)
+    rows = np.arange(0, n if lp.shape[1] else 0, SAMPLE_EVERY)  # no top-k: nothing encoded
     exact = records.topk_logprobs[rows]
-    stored = encoding.encode(records.topk_ids[rows], exact, vocab_size)
-    _, decoded = encoding.decode(stored)
+    decoded = exact
+    if rows.size:
+        _, decoded = encoding.decode(encoding.encode(records.topk_ids[rows], exact, vocab_size))
     covered = np.isfinite(encoding.abs_error_bounds(exact)) & np.isfinite(exact)
     error = np.abs(decoded.astype(np.float64) - exact)[covered]
     return ShardFidelity(

@@ -23,7 +23,7 @@ from schemas.errors import CacheCorruptError, ConfigError
 from schemas.fidelity import Fidelity, ShardFidelity
 from schemas.fingerprint import config_fingerprint
 from schemas.record import Layout
-from schemas.version import FORMAT_VERSION, check_readable
+from schemas.version import FORMAT_VERSION, SAMPLES_MAJOR, check_readable, parse_version
 
 FORMATS = ("zarr", "arrow")
 STATUSES = ("building", "complete")
@@ -185,7 +185,7 @@ class Manifest:
         tokenizer.pop("files")  # the bytes save_pretrained writes vary with library versions
         dataset = dataclasses.asdict(self.dataset)
         dataset.pop("source")
-        layout = dataclasses.asdict(self.layout)
+        layout = self.layout.to_json()
         if not layout["content_keys"]:  # added in 2.0: 1.x caches keep their fingerprints
             layout.pop("content_keys")
         return config_fingerprint(
@@ -226,6 +226,7 @@ class ManifestJSON(TypedDict):
 def to_json(manifest: Manifest) -> str:
     """The manifest's JSON text; `ConfigError` if readers would refuse it as too large."""
     data = dataclasses.asdict(manifest)
+    data["layout"] = manifest.layout.to_json()
     data.update(data.pop("extensions"))
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
     if len(text) > MAX_MANIFEST_BYTES:  # characters are bytes: json.dumps escapes non-ASCII
@@ -280,10 +281,21 @@ def _check_manifest(m: Manifest, where: str) -> None:
         raise CacheCorruptError(f"{where}: format {show(m.format)} is not one of {FORMATS}")
     if m.status not in STATUSES:
         raise CacheCorruptError(f"{where}: status {show(m.status)} is not one of {STATUSES}")
-    if m.layout.vocab_size < m.layout.k:
-        raise CacheCorruptError(f"{where}: layout needs 1 <= k <= vocab_size, got {m.layout}")
+    layout = m.layout
+    if layout.vocab_size < layout.k or (layout.k == 0 and not layout.num_samples):
+        raise CacheCorruptError(
+            f"{where}: layout needs 1 <= k <= vocab_size (or k = 0 with samples), got {layout}"
+        )
+    major = parse_version(m.schema_version)[0]
+    if (layout.compact_samples or layout.k == 0) and major < SAMPLES_MAJOR:
+        raise CacheCorruptError(
+            f"{where}: compact samples or k = 0 need schema_version {SAMPLES_MAJOR}.0 or newer, "
+            f"and the manifest says {m.schema_version}"
+        )
+    if layout.k == 0 and not layout.compact_samples:
+        raise CacheCorruptError(f"{where}: a cache without top-k (k = 0) stores compact samples")
     try:  # an unknown name, or ids too narrow for the vocabulary
-        TopkEncoding.from_json(m.encoding).columns(m.layout.k, m.layout.vocab_size)
+        TopkEncoding.from_json(m.encoding).columns(max(layout.k, 1), layout.vocab_size)
     except (ValueError, TypeError) as exc:
         raise CacheCorruptError(
             f"{where}: encoding {show(m.encoding)} does not work here: {' '.join(str(exc).split())[:300]}",

@@ -3,7 +3,10 @@
 The Zarr and Arrow layouts, the validators, `ShardRecords` and the docs all derive from
 `RECORD_FIELDS`. Dimensions are symbolic: `tokens` (N, the token positions of a shard),
 `sequences` (S), `k`, `temperatures` (the extra distillation temperatures named at build time)
-and `samples` (the number of draws per position; unique ids padded with count 0).
+and `samples` (the number of draws per position; unique ids padded with count 0). In a cache
+with compact samples (`Layout.compact_samples`, format 3.0) only the draws that fell outside the
+top-k are listed, ordered by log-probability, with their log-probabilities in the cache's value
+encoding.
 
 A field with `needs` is present only in caches with that feature (`Layout.has`): extra
 temperatures, samples, and (from format 2.0) content keys.
@@ -61,21 +64,24 @@ RECORD_FIELDS: tuple[Field, ...] = (
         "sample_ids",
         "int32",
         (TOKEN, "samples"),
-        "distinct ids drawn from the teacher at the sampling temperature (padding: count 0)",
+        "distinct ids drawn from the teacher at the sampling temperature (padding: count 0); with "
+        "compact samples only the ids outside the top-k, by descending log-prob, padding last",
         needs="samples",
     ),
     Field(
         "sample_counts",
         "uint16",
         (TOKEN, "samples"),
-        "how many draws gave each sampled id",
+        "how many draws gave each sampled id (they add up to num_samples, or with compact "
+        "samples to the draws that fell outside the top-k)",
         needs="samples",
     ),
     Field(
         "sample_logprobs",
         "float32",
         (TOKEN, "samples"),
-        "teacher log-probabilities (T = 1) at sample_ids",
+        "teacher log-probabilities (T = 1) at sample_ids (with compact samples stored in the "
+        "cache's value encoding, like topk_logprobs)",
         needs="samples",
     ),
     Field("source_row", "int64", (SEQUENCE,), "row of the source dataset this sequence came from"),
@@ -112,6 +118,24 @@ class Layout:
     num_samples: int = 0
     content_keys: bool = False
     """Sequences carry `document_hash` (every build from format 2.0 on; absent in 1.x caches)."""
+    compact_samples: bool = False
+    """Format 3.0 samples: only the draws outside the top-k (all of them when k = 0), ordered by
+    log-probability, their log-probs in the cache's value encoding. False: 2.x samples, every
+    draw, ordered by id, float32 log-probs."""
+
+    def to_json(self) -> dict[str, object]:
+        """The layout as manifests and shard metadata store it: `compact_samples` appears only
+        when set, so 2.x layouts keep their exact JSON."""
+        out: dict[str, object] = {
+            "k": self.k,
+            "vocab_size": self.vocab_size,
+            "temperatures": list(self.temperatures),
+            "num_samples": self.num_samples,
+            "content_keys": self.content_keys,
+        }
+        if self.compact_samples:
+            out["compact_samples"] = True
+        return out
 
     def fields(self) -> tuple[Field, ...]:
         """The fields a shard of this layout holds."""

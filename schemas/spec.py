@@ -137,6 +137,9 @@ def _encodings(w: Written) -> str:
             ),
             _text("value_decoding", f16_max=encodings._F16_MAX, bf16_max=encodings._BF16_MAX),
             _q_example(),
+            "### Compact samples (format 3.0)",
+            _text("compact_samples"),
+            table(cols, _spec_tables.sample_value_rows()),
         ]
     )
 
@@ -259,6 +262,8 @@ def _versions(w: Written) -> str:
         [
             " ".join(inspect.cleandoc(version.__doc__ or "").split("\n\n")[1].split()),
             table(["constant", "value", "meaning"], rows),
+            "### What a 2.x cache stores otherwise",
+            _text("v2_caches"),
             "### What a 1.x cache lacks",
             _text("old_caches"),
         ]

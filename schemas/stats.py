@@ -44,6 +44,7 @@ def describe(cache: Cache, *, sample_tokens: int = 20_000, seed: int = 0) -> dic
         "vocab_size": m.layout.vocab_size,
         "temperatures": list(m.layout.temperatures),
         "num_samples": m.layout.num_samples,
+        "compact_samples": m.layout.compact_samples,
         "encoding": m.encoding,
         "shards": len(m.shards),
         "sequences": m.num_sequences,

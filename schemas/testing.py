@@ -48,12 +48,14 @@ def random_records(
     rest = logp.copy()
     np.put_along_axis(rest, order, -np.inf, axis=1)
     log_tail = np.logaddexp.reduce(rest, axis=1) if k < v else np.full(n, -np.inf)
+    if k == 0:  # samples only: the tail is everything, exactly
+        log_tail = np.zeros(n)
     input_ids = rng.integers(0, v, n)
     labels = np.roll(input_ids, -1)  # the next input id (none at a sequence's last position)
     label_lp = logp[np.arange(n), labels].astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     label_lp[offsets[1:][np.array(lengths) > 0] - 1] = np.nan
-    if special_values and n:  # only where the top-1 is ~0 already, so the values stay consistent
+    if special_values and n and k:  # only where the top-1 is ~0 already: values stay consistent
         top[hot & (rng.random(n) < 0.5), 0] = -0.0
     arrays: dict[str, Any] = dict(
         input_ids=input_ids.astype(np.int32),
@@ -74,7 +76,9 @@ def random_records(
             .astype(np.float32)
             .reshape(n, len(layout.temperatures))
         )
-    if layout.num_samples:
+    if layout.num_samples and layout.compact_samples:
+        arrays.update(_compact_samples(rng, logp, order, top, layout.num_samples))
+    elif layout.num_samples:
         s = layout.num_samples
         m = min(s - s // 2, v)  # distinct ids drawn; the other slots are padding
         ids = np.sort(np.argsort(rng.random((n, v)), axis=1)[:, :m], axis=1)
@@ -88,10 +92,39 @@ def random_records(
     return ShardRecords(**arrays)
 
 
+def _compact_samples(
+    rng: np.random.Generator, logp: np.ndarray, order: np.ndarray, top: np.ndarray, s: int
+) -> dict[str, np.ndarray]:
+    """Format 3.0 samples: distinct ids outside the top-k by descending log-prob, counts adding
+    up to at most s (all s without a top-k), padding repeating the last (or the k-th top-k)."""
+    n, v = logp.shape
+    k = order.shape[1]
+    m = min(s - s // 2, v - k)  # distinct ids drawn outside the top-k
+    keys = rng.random((n, v))
+    np.put_along_axis(keys, order, np.inf, axis=1)  # top-k ids sort last: never drawn
+    ids = np.argsort(keys, axis=1)[:, :m]
+    by_value = np.argsort(-np.take_along_axis(logp, ids, axis=1), axis=1, kind="stable")
+    ids = np.take_along_axis(ids, by_value, axis=1)
+    counts = np.zeros((n, s), dtype=np.uint16)
+    counts[:, :m] = 1
+    if m:  # the rest of the draws: all on the first id without a top-k, else some in it
+        counts[:, 0] += s - m if k == 0 else rng.integers(0, s - m + 1, n).astype(np.uint16)
+    values = np.take_along_axis(logp, ids, axis=1)
+    fill_i = ids[:, -1:] if m else order[:, -1:]
+    fill_v = values[:, -1:] if m else top[:, -1:]
+    return {
+        "sample_ids": np.concatenate([ids, np.repeat(fill_i, s - m, 1)], 1).astype(np.int32),
+        "sample_counts": counts,
+        "sample_logprobs": np.concatenate([values, np.repeat(fill_v, s - m, 1)], 1).astype(
+            np.float32
+        ),
+    }
+
+
 @st.composite
 def layouts_and_lengths(draw: st.DrawFn) -> tuple[Layout, list[int], int]:
-    """Random layouts (k up to the whole vocabulary, optional extras) and sequence lengths,
-    empty and one-token sequences included."""
+    """Random layouts (k up to the whole vocabulary, optional extras, compact samples and
+    samples-only caches) and sequence lengths, empty and one-token sequences included."""
     vocab = draw(st.sampled_from([2, 7, 64, 300, 70_000]))
     k = draw(st.integers(1, min(vocab, 16)))
     if draw(st.booleans()) and vocab <= 64:
@@ -102,6 +135,9 @@ def layouts_and_lengths(draw: st.DrawFn) -> tuple[Layout, list[int], int]:
     if vocab > 1000:  # keep dense reference logits small
         lengths = lengths[:2]
     keys = draw(st.booleans())
+    compact = bool(samples) and draw(st.booleans())  # format 3.0 samples
+    if compact and draw(st.booleans()):
+        k = 0  # samples only
     return (
         Layout(
             k=k,
@@ -109,6 +145,7 @@ def layouts_and_lengths(draw: st.DrawFn) -> tuple[Layout, list[int], int]:
             temperatures=temperatures,
             num_samples=samples,
             content_keys=keys,
+            compact_samples=compact,
         ),
         lengths,
         draw(st.integers(0, 2**31)),

@@ -13,11 +13,22 @@ from importlib.metadata import version as _package_version
 
 from schemas.errors import IncompatibleCacheError
 
-FORMAT_VERSION = "2.0"
-"""Bump the minor for additions old readers may ignore, the major for anything else."""
+FORMAT_VERSION = "3.0"
+"""The newest version this kdcache writes. Bump the minor for additions old readers may ignore,
+the major for anything else."""
 
-READABLE_MAJORS = (1, 2)
-"""1.x caches lack content keys, shard layout metadata, fidelity and tokenizer checksums."""
+READABLE_MAJORS = (1, 2, 3)
+"""1.x caches lack content keys, shard layout metadata, fidelity and tokenizer checksums; 2.x
+caches store samples the 2.0 way (every draw, float32 log-probs)."""
+
+SAMPLES_MAJOR = 3
+"""The first major with compact samples (`Layout.compact_samples`, and samples-only caches)."""
+
+
+def version_for(compact_samples: bool) -> str:
+    """The version a new cache records: the oldest that describes it. Only compact samples
+    need 3.0, so a cache without samples stays readable by a 2.0 reader."""
+    return FORMAT_VERSION if compact_samples else "2.0"
 
 
 def parse_version(text: str) -> tuple[int, int]:

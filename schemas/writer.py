@@ -52,7 +52,7 @@ from schemas.storage import (
     storage_errors,
     write_bytes_atomic,
 )
-from schemas.version import FORMAT_VERSION, producer
+from schemas.version import producer, version_for
 
 
 def check_output(
@@ -109,7 +109,7 @@ class CacheWriter:
             draft,
             shards=(),
             status="building",
-            schema_version=FORMAT_VERSION,
+            schema_version=version_for(draft.layout.compact_samples),
             created_by=producer(),
         )
         self.backend = BACKENDS[draft.format]

@@ -110,12 +110,17 @@ class KDCollator:
         self.vocab_size = cache.layout.vocab_size
         self.temperatures = tuple(cache.layout.temperatures)
         self.sample_temperature = cache.manifest.build.sample_temperature
+        self.num_samples = cache.layout.num_samples
 
     def __call__(self, sequences: list[Sequence] | list[list[Sequence]]) -> dict[str, Any]:
         if sequences and isinstance(sequences[0], list):  # a DataLoader batch of micro-batches
             sequences = [s for group in sequences for s in group]
         inputs, teacher = collate(
-            list(sequences), self.vocab_size, self.temperatures, self.sample_temperature
+            list(sequences),
+            self.vocab_size,
+            self.temperatures,
+            self.sample_temperature,
+            self.num_samples,
         )
         labels = inputs.input_ids.masked_fill(inputs.attention_mask == 0, -100)
         return {

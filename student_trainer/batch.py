@@ -47,10 +47,19 @@ class TeacherBatch:
     """(N, n) float32: teacher log-probabilities at `sample_ids` (at T = 1)."""
     sample_temperature: float = 1.0
     """Temperature of the proposal the samples were drawn from."""
+    num_draws: int = 0
+    """n: draws per position at build time. A cache with compact samples lists only the draws
+    outside the top-k, so `sample_counts` then add up to n minus those that fell inside it;
+    0: every draw is listed (the counts add up to n)."""
 
     @property
     def k(self) -> int:
         return self.ids.shape[-1]
+
+    def draws(self) -> Tensor:
+        """(N,) or scalar: the draws per position, listed or not."""
+        assert self.sample_counts is not None
+        return self.num_draws if self.num_draws else self.sample_counts.sum(-1)
 
     @property
     def logits(self) -> Tensor:
@@ -177,11 +186,13 @@ def collate(
     layout_vocab: int,
     temperatures: tuple[float, ...] = (),
     sample_temperature: float = 1.0,
+    num_samples: int = 0,
 ) -> tuple[StudentInputs, TeacherBatch]:
     """Pad sequences into student inputs and gather the teacher rows that have a next token.
 
     This is where numpy becomes torch. Row t of a sequence of n tokens is trained on when
-    t < n - 1: its label is token t + 1.
+    t < n - 1: its label is token t + 1. `num_samples` is the cache's `layout.num_samples`,
+    needed where samples are stored (a compact cache lists only some of the draws).
     """
     import numpy as np
 
@@ -199,6 +210,8 @@ def collate(
         labels.append(ids[1:])
         for name, value in seq.arrays.items():
             picked[name].append(value[: n - 1])
+    if "sample_ids" in picked and not num_samples:
+        raise ValueError("collate: these sequences hold samples; pass layout.num_samples")
     cat = {name: np.concatenate(parts) for name, parts in picked.items()}
     t = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in cat.items()}
     teacher = TeacherBatch(
@@ -215,6 +228,7 @@ def collate(
         sample_counts=t["sample_counts"].float() if "sample_counts" in t else None,
         sample_logprobs=t.get("sample_logprobs"),
         sample_temperature=sample_temperature,
+        num_draws=num_samples,
     )
     inputs = StudentInputs(
         torch.from_numpy(input_ids),

@@ -84,6 +84,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.eval_cache is not None:
         eval_cache = open_cache(cfg.eval_cache, require_complete=True, **cfg.storage_options)
         check_manifest(eval_cache, "--eval-cache")
+        if eval_cache.layout.k == 0:
+            raise IncompatibleCacheError(
+                f"--eval-cache {cfg.eval_cache} stores samples only (built with --top-k 0), and "
+                "evaluation scores the student against the teacher's top-k",
+                hint="build the held-out cache with --top-k 1 or more",
+            )
     _check_cache_fits(spec, cfg, cache)
     _check_temperature(spec, options, cfg, cache, say)
     if len(cache.shards) < world:  # a rank without shards would leave the others waiting
@@ -353,6 +359,12 @@ def _check_one_ce(spec: LossSpec, options: dict[str, Any], cfg: TrainConfig) -> 
 
 
 def _check_cache_fits(spec: LossSpec, cfg: TrainConfig, cache: Cache) -> None:
+    if spec.reads_topk and cache.layout.k == 0:
+        raise IncompatibleCacheError(
+            f"loss {cfg.loss} reads the teacher's top-k, and {cache.url} stores samples only "
+            "(built with --top-k 0)",
+            hint="train it with --loss rskd or --loss fkl-hybrid, or rebuild with --top-k 64",
+        )
     if spec.needs_samples and cache.layout.num_samples == 0:
         raise IncompatibleCacheError(
             f"loss {cfg.loss} needs sampled tokens, but {cache.url} was built without them",

@@ -27,6 +27,8 @@ class LossSpec:
     """True when the loss reads sampled ids (a cache built with `--samples N`)."""
     sample_temperature: float | None = None
     """The temperature the samples must have been drawn at (None: any)."""
+    reads_topk: bool = True
+    """False when the loss works on a samples-only cache (`kdcache build --top-k 0`)."""
     tail_at_temperature: bool = False
     """True when the loss needs the teacher's lse of logits / T at its temperature T: exact
     where the build stored it (`--temperatures`), approximate elsewhere (the per-step error is

@@ -81,9 +81,10 @@ def fkl_hybrid(
     p_tail = teacher.log_tail.exp()  # (N,); 0 where the top-k holds all the mass
     has_tail = p_tail > 0
     bucket = torch.where(has_tail, p_tail * (teacher.log_tail - log_q[:, -1]), 0.0)  # B
-    # P(m >= 1) = 1 - p_head^n, with log p_head exact from the head's log-probs
-    draws = teacher.sample_counts.sum(-1)  # n
-    p_some = -torch.expm1(draws * teacher.logprobs.logsumexp(-1).clamp(max=0.0))
+    # P(m >= 1) = 1 - (1 - p_tail)^n from the stored tail mass, exact: a head mass summed from
+    # the encoded head log-probs can round to 1 (q8c) and blow 1/P1 up where the tail is tiny
+    draws = teacher.draws()  # n, listed or not
+    p_some = -torch.expm1(draws * torch.log1p(-p_tail.clamp(max=1.0)))
     hit = drawn > 0  # implies p_some > 0
     correction = torch.where(hit, (p_tail * sampled - bucket) / p_some.clamp_min(1e-30), 0.0)
     loss = head + bucket + correction
@@ -100,5 +101,6 @@ SPECS: dict[str, LossSpec] = {
         "it (falls back to fkl-tail's bucket where none fell there); needs --samples at T = 1",
         needs_samples=True,
         sample_temperature=1.0,
+        reads_topk=False,
     ),
 }

@@ -182,6 +182,14 @@ def srkl(
 
 _TAIL_T = "exact at T=1 or a stored T, tail tempered as one token otherwise"
 
+_NO_SAMPLED_TAIL = (
+    "no sampled-tail variant (as fkl-hybrid is for fkl): its tail term weighs the student's "
+    "own tail mass, which teacher draws reach only through q/p weights, unbounded where the "
+    "teacher rarely draws, so such an estimate has no variance bound"
+)
+"""Why rkl and jsd have no fkl-hybrid counterpart (said in `kdcache train --help`)."""
+
+
 SPECS: dict[str, LossSpec] = {
     "fkl": LossSpec(
         fkl,
@@ -195,13 +203,14 @@ SPECS: dict[str, LossSpec] = {
     ),
     "rkl": LossSpec(
         rkl,
-        f"reverse KL over top-k + one tail bucket (lower bound on the full RKL); {_TAIL_T}",
+        f"reverse KL over top-k + one tail bucket (lower bound on the full RKL); {_TAIL_T}; "
+        f"{_NO_SAMPLED_TAIL}",
         tail_at_temperature=True,
     ),
     "jsd": LossSpec(
         jsd,
         "generalized JSD, M = beta p + (1-beta) q, over top-k + tail bucket (lower bound); "
-        f"beta=0 is FKL, beta=1 is RKL; {_TAIL_T}",
+        f"beta=0 is FKL, beta=1 is RKL; {_TAIL_T}; {_NO_SAMPLED_TAIL}",
         tail_at_temperature=True,
     ),
     "tvd": LossSpec(

@@ -49,10 +49,12 @@ SPECS: dict[str, LossSpec] = {
     "ce": LossSpec(
         ce,
         "next-token cross-entropy only (SFT baseline): ignores the teacher, for comparisons",
+        reads_topk=False,
     ),
     "z-loss": LossSpec(
         z_loss,
         "PaLM z-loss c * logsumexp(student logits)^2: a student-only regulariser, exact (no "
         "teacher); weight it in beside a distillation loss",
+        reads_topk=False,
     ),
 }

@@ -61,16 +61,36 @@ def test_manifest_round_trips_and_refuses_the_future() -> None:
     m = draft()
     assert parse_manifest(json.loads(to_json(m))) == m
     data = json.loads(to_json(m))
-    data["schema_version"] = "3.0"
-    with pytest.raises(IncompatibleCacheError, match=r"3\.0.*newer"):
+    data["schema_version"] = "4.0"
+    with pytest.raises(IncompatibleCacheError, match=r"4\.0.*newer"):
         parse_manifest(data)
     data["schema_version"] = "0.9"
     with pytest.raises(IncompatibleCacheError, match=r"0\.9.*older"):
         parse_manifest(data)
-    data["schema_version"] = "2.7"  # a newer minor: readable
+    data["schema_version"] = "3.7"  # a newer minor: readable
+    assert parse_manifest(data).layout == m.layout
+    data["schema_version"] = "2.0"  # the previous major (compact samples are 3.0)
     assert parse_manifest(data).layout == m.layout
     data["schema_version"] = "1.0"  # an older major this kdcache still reads
     assert parse_manifest(data).layout == m.layout
+
+
+def test_compact_samples_and_samples_only_need_format_3() -> None:
+    """A manifest that claims 2.x but stores compact samples (or no top-k) is refused: a 2.0
+    reader would read its draws as every draw."""
+    data = json.loads(to_json(draft()))
+    data["layout"].update(num_samples=4, compact_samples=True)
+    data["schema_version"] = "3.0"
+    assert parse_manifest(data).layout.compact_samples
+    data["layout"]["k"] = 0
+    assert parse_manifest(data).layout.k == 0
+    data["schema_version"] = "2.0"
+    with pytest.raises(CacheCorruptError, match=r"need schema_version 3\.0"):
+        parse_manifest(data)
+    data["schema_version"] = "3.0"
+    data["layout"]["compact_samples"] = False
+    with pytest.raises(CacheCorruptError, match="k = 0"):
+        parse_manifest(data)
 
 
 def test_unknown_fields_need_must_understand_false() -> None:

@@ -38,6 +38,8 @@ LAYOUTS = (
     Layout(k=5, vocab_size=300, temperatures=(2.0,), num_samples=4, content_keys=True),
     Layout(k=7, vocab_size=7),  # k = V: -inf tails
     Layout(k=6, vocab_size=70_000, content_keys=True),  # ids beyond uint16
+    Layout(k=5, vocab_size=300, num_samples=6, content_keys=True, compact_samples=True),  # 3.0
+    Layout(k=0, vocab_size=300, num_samples=6, content_keys=True, compact_samples=True),
 )
 
 
@@ -80,7 +82,7 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     made = []
     for i, ids in enumerate(ID_ENCODINGS):
         for v, values in enumerate(VALUE_ENCODINGS):
-            layout = LAYOUTS[v % len(LAYOUTS)]
+            layout = LAYOUTS[(v + i) % len(LAYOUTS)]
             if ids == "uint16" and layout.vocab_size > 1 << 16:
                 layout = LAYOUTS[0]
             fmt = ("arrow", "zarr")[(i + v) % 2]
@@ -199,8 +201,12 @@ reader = Path("read_kdcache.py")
 reader.write_text({code!r})
 ns = runpy.run_path(str(reader), run_name="read_kdcache")
 for j, path in enumerate({paths!r}):
-    ids, logprobs, lse = ns["decode"](*ns["load"](path))
-    np.savez(f"decoded-{{j}}.npz", ids=ids, logprobs=logprobs, lse=lse)
+    meta, column = ns["load"](path)
+    ids, logprobs, lse = ns["decode"](meta, column)
+    drawn = {{}}
+    if meta["layout"]["num_samples"]:
+        drawn = dict(zip(("sample_ids", "sample_counts", "sample_logprobs"), ns["samples"](meta, column)))
+    np.savez(f"decoded-{{j}}.npz", ids=ids, logprobs=logprobs, lse=lse, **drawn)
 sys.argv = [str(reader), {paths!r}[0], "3"]
 runpy.run_path(str(reader), run_name="__main__")
 print({mark!r} + json.dumps(len({paths!r})))
@@ -223,6 +229,11 @@ def test_reader_decodes_like_kdcache(caches: list[Path], tmp_path: Path) -> None
         for name, value in (("logprobs", want.topk_logprobs), ("lse", want.lse)):
             assert got[name].dtype == np.float32 and got[name].shape == value.shape, path
             assert got[name].tobytes() == value.tobytes(), f"{name} of {path} differ in bits"
+        for name in ("sample_ids", "sample_counts", "sample_logprobs"):
+            value = getattr(want, name)
+            assert (name in got) == (value is not None), path
+            if value is not None:  # every draw (2.x) or the compact ones (3.0), decoded alike
+                assert got[name].astype(value.dtype).tobytes() == value.tobytes(), (name, path)
     printed = [line.split() for line in done.stdout.splitlines() if line.startswith("id ")]
     assert [int(words[1]) for words in printed] == expected[0].topk_ids[3].tolist()
 

@@ -329,7 +329,7 @@ def _manifest_json() -> dict:
         (("shards", 0, "nbytes"), 2**53, "ShardInfo.nbytes"),
         (("shards", 0, "num_sequences"), -1, "ShardInfo.num_sequences"),
         (("shards", 0, "index"), 10**9, "ShardInfo.index"),
-        (("layout", "k"), 0, "Layout.k"),
+        (("layout", "k"), 0, "k = 0 with samples"),  # k = 0 needs compact samples
         (("layout", "k"), 2**40, "Layout.k"),
         (("layout", "vocab_size"), 2**31, "Layout.vocab_size"),
         (("layout", "num_samples"), 10**7, "Layout.num_samples"),
