@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on disk here; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-long bench bench-quality bench-tp lint format clean
+.PHONY: demo test test-long bench bench-quality bench-samples bench-tp lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,8 +34,14 @@ test-long: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+# The bytes-vs-quality study: 100 steps on seeds 0-2 and 1000 steps on seed 0, on two worker
+# processes of one thread each (bench/quality.py; about 45 min on two cores).
 bench-quality: $(STAMP)
-	$(BIN)/python -m bench.quality
+	$(BIN)/python -m bench.quality --jobs 2
+
+# Bytes per token of --samples 32 with and without a top-k (bench/samples.py; about 1 min).
+bench-samples: $(STAMP)
+	$(BIN)/python -m bench.samples
 
 # kdcache build --tp 2 under torchrun against the one-process build (bench/tp.py).
 bench-tp: $(STAMP)
