@@ -169,6 +169,13 @@ def describe(
         "vocab_size": cache.layout.vocab_size,
         "temperatures": list(cache.layout.temperatures),
         "num_samples": cache.layout.num_samples,
+        "samples_listed": (
+            None
+            if not cache.layout.num_samples
+            else "outside the top-k only"
+            if cache.layout.compact_samples and cache.layout.k
+            else "every draw"
+        ),
         "temperature": temperature,
         "alignment": alignment,
         "columns": columns,
