@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 # The bytes-vs-quality study: 100 steps on seeds 0-2 and 1000 steps on seed 0, on two worker
-# processes of one thread each (bench/quality.py; about 45 min on two cores).
+# processes of one thread each (bench/quality.py; about 33 min on two cores).
 bench-quality: $(STAMP)
 	$(BIN)/python -m bench.quality --jobs 2
 

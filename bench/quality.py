@@ -21,8 +21,8 @@ against those bytes. Two settings: 100 steps on every seed, and 1000 steps (`LON
 Builds and runs go to `--jobs` worker processes of one thread each; a run does not depend on
 which worker ran it. Results go to bench/results/quality{.json,.md,.png,-frontier.png}.
 
-    python -m bench.quality --jobs 2      # the full study: 22 builds (~6 min), then 84 runs of
-                                          # 100 steps and 7 of 1000 (~39 min): ~45 min on 2 cores
+    python -m bench.quality --jobs 2      # the full study: 22 builds, then 84 runs of 100
+                                          # steps and 7 of 1000: 33 min on 2 cores (measured)
     python -m bench.quality --quick --results /tmp/q   # a smoke run (~1 min; --results keeps
                                                        # the study's results in bench/results)
     python -m bench.quality --no-long --only fkl --seeds 0   # part of the grid
@@ -79,7 +79,8 @@ class Sizes:
     batch_tokens: int = 1024
     eval_tokens: int = 8192
     """Held-out tokens scored at every evaluation (a fixed subset spread over the split)."""
-    eval_every: int = 20
+    eval_every: int = 50
+    """Steps between held-out evaluations (each costs ~1 s; the final one is what is scored)."""
     lr: float = 3e-3
     warmup: int = 10
     weight_decay: float = 0.01
